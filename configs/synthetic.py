@@ -1,0 +1,30 @@
+"""CPU-sized demo on the built-in synthetic ambiguous dataset (the README's main job)."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'synthetic'
+  config.data.image_size = 32
+  config.data.image_channels = 1
+  config.data.num_annotators = 4
+  config.model.num_channels = 32
+  config.model.channel_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (8,)
+  config.model.latent_filters = (16, 32, 64)
+  config.model.latent_convs_per_block = 2
+  config.diffusion.num_timesteps = 1000
+  config.training.batch_size = 32
+  config.training.num_steps = 3000
+  config.training.learning_rate = 3e-4
+  config.training.warmup_steps = 100
+  config.training.ema_rate = 0.999
+  config.training.checkpoint_every = 500
+  config.training.log_every = 50
+  config.training.image_every = 1000
+  config.sampling.steps = 'ddim50'
+  config.sampling.sampler = 'ddim'
+  config.eval.num_samples = 16
+  return config

@@ -1,0 +1,37 @@
+"""Tiny configuration for CPU tests: 16 px, 8 channels, a few hundred parameters' worth."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'synthetic'
+  config.data.image_size = 16
+  config.data.image_channels = 1
+  config.data.num_annotators = 3
+  config.data.synthetic_num_train = 32
+  config.data.synthetic_num_test = 4
+  config.model.num_channels = 8
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = (8,)
+  config.model.latent_dim = 3
+  config.model.latent_filters = (4, 8)
+  config.model.latent_convs_per_block = 1
+  config.diffusion.num_timesteps = 50
+  config.training.batch_size = 4
+  config.training.num_steps = 4
+  config.training.learning_rate = 1e-3
+  config.training.ema_rate = 0.9
+  config.training.checkpoint_every = 2
+  config.training.keep_checkpoints = 2
+  config.training.log_every = 1
+  config.training.image_every = 0
+  config.training.image_samples = 2
+  config.training.image_sampler_steps = 5
+  config.sampling.steps = '10'
+  config.sampling.num_samples = 4
+  config.sampling.max_batch = 16
+  config.eval.num_samples = 4
+  config.eval.batch_images = 2
+  return config
