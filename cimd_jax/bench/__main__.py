@@ -1,0 +1,100 @@
+r"""python -m cimd_jax.bench --config=configs/<name>.py --what=model|train|sample|metrics|all
+    [--batch N] [--json] [--repeats 5]
+
+Every figure is the median of >= 5 timed runs after warm-up, with compile time apart,
+peak memory (RSS on CPU; device memory where there is one), achieved GFLOP/s from
+XLA's cost analysis and, measured in the same run, this machine's float32 matmul rate,
+so every figure is also a fraction of the in-run roofline. `--what=all` runs each
+measurement in its own process so that peak memory is per measurement.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lidc.py', 'Config file.')
+_WHAT = flags.DEFINE_enum('what', 'model', ['model', 'train', 'sample', 'metrics', 'all'],
+                          'What to measure.')
+_BATCH = flags.DEFINE_integer('batch', None, 'Global batch (train) or images (sample).')
+_JSON = flags.DEFINE_bool('json', False, 'One JSON line per measurement.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per figure (median).')
+_ENSEMBLE = flags.DEFINE_enum(
+    'ensemble', 'auto', ['auto', 'measure', 'estimate'],
+    'sample: time a whole ensemble (measure), or step time x steps (estimate); auto '
+    'measures when the estimate is under 10 minutes.')
+_CACHE = flags.DEFINE_bool('compilation_cache', False,
+                           'Use the persistent compilation cache (off: honest compile_s).')
+
+
+def _config_name() -> str:
+  for arg in sys.argv:
+    if arg.startswith('--config='):
+      return os.path.basename(arg.split('=', 1)[1]).removesuffix('.py')
+  return 'lidc'
+
+
+def _emit(record: dict) -> None:
+  if _JSON.value:
+    print(json.dumps(record, default=float), flush=True)
+  else:
+    keys = [k for k in record if k not in ('times_s',)]
+    print('  '.join(f'{k}={record[k]:.4g}' if isinstance(record[k], float) else
+                    f'{k}={record[k]}' for k in keys), flush=True)
+
+
+def _run_all(argv) -> None:
+  """Each measurement in a fresh process (per-measurement peak memory)."""
+  base = [a for a in argv[1:] if not a.startswith('--what')]
+  for what in ('model', 'metrics', 'train', 'sample'):
+    subprocess.run([sys.executable, '-m', 'cimd_jax.bench', f'--what={what}', *base],
+                   check=True)
+
+
+def main(argv):
+  if _WHAT.value == 'all':
+    _run_all(sys.argv)
+    return
+  from cimd_jax import runtime  # pylint: disable=g-import-not-at-top
+  if _CACHE.value:
+    runtime.enable_compilation_cache()
+  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  info = {'config': _config_name(), **common.machine_info()}
+  what = _WHAT.value
+  if what == 'model':
+    from cimd_jax.bench import model_bench  # pylint: disable=g-import-not-at-top
+    record = model_bench.bench_model(from_config.unet_args(config.model, config.data),
+                                     from_config.latent_args(config.model, config.data))
+    record = {'what': 'model', **record}
+  elif what == 'metrics':
+    from cimd_jax.bench import metrics_bench  # pylint: disable=g-import-not-at-top
+    record = metrics_bench.bench_metrics(num_images=_BATCH.value or 256,
+                                         repeats=_REPEATS.value)
+  elif what == 'train':
+    from cimd_jax.bench import train_bench  # pylint: disable=g-import-not-at-top
+    batch = _BATCH.value or int(config.training.batch_size)
+    record = train_bench.bench_train(from_config.train_setup(config), batch,
+                                     repeats=_REPEATS.value)
+  else:
+    from cimd_jax.bench import sample_bench  # pylint: disable=g-import-not-at-top
+    record = sample_bench.bench_sample(
+        from_config.sample_setup(config, 'sample'), num_images=_BATCH.value or 1,
+        repeats=_REPEATS.value, ensemble=_ENSEMBLE.value)
+  if what in ('train', 'sample'):
+    roof = common.matmul_gflops()
+    record['matmul_gflops_per_s'] = roof
+    if record.get('gflops_per_s'):
+      record['roofline_fraction'] = record['gflops_per_s'] / roof
+  _emit({**record, **info})
+
+
+if __name__ == '__main__':
+  app.run(main)

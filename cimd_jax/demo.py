@@ -1,0 +1,164 @@
+"""The README's main job: synthetic data -> train -> evaluate (N samples per image) ->
+calibration and baselines -> a short report in WORKDIR/report/.
+
+The report compares the trained model with two baselines on the same test images:
+  * deterministic: the per-pixel majority of the model's own ensemble, repeated N
+    times (what a plain segmenter would give: one mask, no spread);
+  * expert oracle: N fresh expert draws from the synthetic generator (the best any
+    model could do).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from cimd_jax import calibration
+from cimd_jax import metrics
+from cimd_jax import sample
+
+REPORT_KEYS = ('ci', 'sc', 'dmax', 'da', 'ged', 'hm_iou')
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSetup:
+  """What the demo runs: a training function and the evaluation arguments."""
+  train_fn: Callable[[], Any]          # trains (or resumes) to the configured step
+  eval_setup: sample.SampleSetup
+  num_overviews: int = 4
+
+
+def deterministic_baseline(masks: np.ndarray) -> np.ndarray:
+  """The ensemble's per-pixel majority repeated N times: bool [N, H, W] -> [N, H, W]."""
+  majority = np.asarray(masks, bool).mean(0) >= 0.5
+  return np.repeat(majority[None], len(masks), 0)
+
+
+def _summary(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+  return {k: {kk: float(vv) for kk, vv in v.items()}
+          for k, v in metrics.summarize(per_image).items()}
+
+
+def _score(gts: list[np.ndarray], preds: list[np.ndarray]) -> dict[str, dict[str, float]]:
+  per_image = metrics.evaluate(np.stack(gts), np.stack(preds))
+  return _summary({k: np.asarray(per_image[k]) for k in sample.METRIC_KEYS})
+
+
+def _calibration(cases_masks: list[tuple[Any, np.ndarray]]) -> tuple[dict, np.ndarray, np.ndarray]:
+  truth, sampled = [], []
+  for case, masks in cases_masks:
+    extras = case.extras or {}
+    if 'structures' not in extras:
+      return {}, np.array([]), np.array([])
+    t, s = calibration.structure_frequencies(masks, extras['structures'],
+                                             extras['structure_probs'])
+    truth.append(t)
+    sampled.append(s)
+  truth, sampled = np.concatenate(truth), np.concatenate(sampled)
+  return calibration.summarize(truth, sampled), truth, sampled
+
+
+def oracle_draws(data_args: Any, split: str, num_cases: int, num_samples: int,
+                 seed: int) -> list[np.ndarray] | None:
+  """Fresh expert masks from the synthetic generator, bool [N, H, W] per case (None
+  for datasets without a generator)."""
+  if data_args.name != 'synthetic':
+    return None
+  from cimd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return [np.asarray(synthetic.oracle_masks(data_args, split, i, num_samples, seed)) > 0
+          for i in range(num_cases)]
+
+
+def build_report(results: list[tuple[Any, np.ndarray]], model_metrics: dict[str, Any],
+                 data_args: Any, split: str, num_samples: int, seed: int
+                 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """The report dict (model, baselines, calibration) and (truth, sampled) frequencies."""
+  gts = [c.experts for c, _ in results]
+  report: dict[str, Any] = {'num_samples': num_samples, 'num_images': len(results),
+                            'model': model_metrics['metrics']}
+  report['deterministic'] = _score(gts, [deterministic_baseline(m) for _, m in results])
+  oracle = oracle_draws(data_args, split, len(results), num_samples, seed + 1)
+  if oracle is not None:
+    report['oracle'] = _score(gts, oracle)
+  cal, truth, sampled = _calibration(results)
+  if cal:
+    report['calibration'] = {'model': cal}
+    _, _, det = _calibration([(c, deterministic_baseline(m)) for c, m in results])
+    report['calibration']['deterministic'] = calibration.summarize(truth, det)
+    if oracle is not None:
+      _, _, orc = _calibration([(c, o) for (c, _), o in zip(results, oracle)])
+      report['calibration']['oracle'] = calibration.summarize(truth, orc)
+  return report, truth, sampled
+
+
+def format_report(report: dict[str, Any], workdir: str, timings: dict[str, float]) -> str:
+  """The console report: metrics of model and baselines with N, calibration, paths."""
+  n = report['num_samples']
+  cols = [c for c in ('model', 'deterministic', 'oracle') if c in report]
+  lines = ['', '=' * 72,
+           f'CIMD demo report — {report["num_images"]} test images, N = {n} samples each',
+           '=' * 72,
+           f'{"metric":<10}' + ''.join(f'{c:>18}' for c in cols)]
+  for k in REPORT_KEYS:
+    row = f'{k:<10}'
+    for c in cols:
+      m = report[c][k]
+      row += f'{m["mean"]:>11.4f} ± {m["std"]:<5.3f}'
+    lines.append(row)
+  lines.append('(ged: lower is better; all others: higher is better)')
+  cal = report.get('calibration')
+  if cal:
+    lines.append('')
+    lines.append('Calibration on ambiguous structures (|sampled freq - expert freq|):')
+    for c in cols:
+      if c in cal:
+        lines.append(f'  {c:<14} MAE {cal[c]["mae_ambiguous"]:.3f} over '
+                     f'{cal[c]["num_ambiguous"]} structures; max freq on never-drawn '
+                     f'structures {cal[c]["max_freq_never_drawn"]:.3f} '
+                     f'({cal[c]["num_never_drawn"]})')
+  lines.append('')
+  lines.append('Time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items()))
+  report_dir = os.path.join(workdir, 'report')
+  lines += ['', f'Report:      {report_dir}/ (metrics.json, calibration.png, overview_*.png)',
+            f'Samples:     {os.path.join(workdir, "eval")}/',
+            f'TensorBoard: tensorboard --logdir {workdir}', '']
+  return '\n'.join(lines)
+
+
+def run_demo(setup: DemoSetup, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and writes WORKDIR/report/; returns the report dict."""
+  timings = {}
+  t0 = time.perf_counter()
+  logging.info('Demo step 1/3: training (resumes if %s has checkpoints)', workdir)
+  setup.train_fn()
+  timings['train'] = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  logging.info('Demo step 2/3: sampling N=%d masks per test image', setup.eval_setup.num_samples)
+  results, model_metrics, eval_dir = sample.evaluate_cases(setup.eval_setup, workdir)
+  timings['evaluate'] = time.perf_counter() - t1
+  logging.info('Demo step 3/3: baselines, calibration and report')
+  es = setup.eval_setup
+  report, truth, sampled = build_report(results, model_metrics, es.data, es.split,
+                                        es.num_samples, es.seed)
+  report.update({k: model_metrics[k] for k in ('checkpoint_step', 'sampler', 'steps')})
+  timings['total'] = time.perf_counter() - t0
+  report['timings_s'] = timings
+  report_dir = os.path.join(workdir, 'report')
+  os.makedirs(report_dir, exist_ok=True)
+  with open(os.path.join(report_dir, 'metrics.json'), 'w') as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  if len(truth):
+    Image.fromarray(calibration.calibration_plot(truth, sampled)).save(
+        os.path.join(report_dir, 'calibration.png'))
+  for case, _ in results[:setup.num_overviews]:
+    src = os.path.join(eval_dir, sample._safe_name(case.case_id), 'overview.png')  # pylint: disable=protected-access
+    if os.path.exists(src):
+      shutil.copy(src, os.path.join(report_dir, f'overview_{sample._safe_name(case.case_id)}.png'))  # pylint: disable=protected-access
+  print(format_report(report, workdir, timings), flush=True)
+  return report

@@ -1,0 +1,53 @@
+"""Process-level set-up done once before any JAX computation: multi-host
+initialisation through `jax.distributed` and the persistent compilation cache."""
+
+import os
+
+from absl import logging
+import jax
+
+
+def initialize_distributed(enable: bool, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: list[int] | None = None) -> None:
+  """Joins this process to a multi-process JAX job when asked.
+
+  With `enable` and no explicit arguments, JAX detects the cluster (SLURM, Cloud
+  TPU, ...). With a coordinator address, the given process count and id are used.
+  On CPU, JAX's gloo collectives are switched on so that local processes can form
+  one job.
+  """
+  explicit = coordinator_address is not None or num_processes is not None
+  if not (enable or explicit):
+    return
+  if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get(
+      'JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {}
+  if coordinator_address is not None:
+    kwargs['coordinator_address'] = coordinator_address
+  if num_processes is not None:
+    kwargs['num_processes'] = num_processes
+  if process_id is not None:
+    kwargs['process_id'] = process_id
+  if local_device_ids is not None:
+    kwargs['local_device_ids'] = local_device_ids
+  jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache so a second run does not recompile.
+
+  Default folder: $CIMD_JAX_CACHE or ~/.cache/cimd_jax/xla. Returns the folder used.
+  """
+  cache_dir = cache_dir or os.environ.get('CIMD_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'cimd_jax', 'xla')
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return cache_dir
