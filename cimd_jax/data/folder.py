@@ -1,0 +1,333 @@
+"""TFDS builder for the CIMD folder layout (LIDC crops as shipped by the official repo).
+
+  ROOT/training/<case>/image_<k>.(jpg|jpeg|png)   the image (one file; or C single-
+                                                  channel files stacked as channels)
+  ROOT/training/<case>/label<i>_.(jpg|jpeg|png)   expert i = 0 .. A-1 (the '_' is optional)
+  ROOT/testing/<case>/...                         same, the 'test' split
+
+Cases are ordered by natural sort of the folder names ('2' before '10'); that is the
+record order of every split. A label pixel is foreground when > mask_threshold (127
+of 255: the masks are JPEGs, and `> 0` would add JPEG ringing as foreground).
+
+Everything is validated before anything is written: bad input raises `DataError` (a
+ValueError; `SourceNotFoundError` is also a FileNotFoundError) naming the case folder
+and the file and saying what was expected.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from cimd_jax.data import records
+from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
+
+SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
+EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_IMAGE_RE = re.compile(r'^image_(\d+)\.(jpg|jpeg|png)$', re.IGNORECASE)
+_LABEL_RE = re.compile(r'^label(\d+)_?\.(jpg|jpeg|png)$', re.IGNORECASE)
+# Modes PIL gives 8-bit images in; anything else (16-bit, float) is rejected.
+_IMAGE_MODES = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
+_MASK_MODES = ('L', '1')
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the folder/file and what was expected."""
+
+
+class SourceNotFoundError(DataError, FileNotFoundError):
+  """The source folder (or one of its split folders) does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+  """The files of one case folder.
+
+  Attributes:
+    case_id: the folder name.
+    folder: absolute path of the case folder.
+    images: image file names, in natural order of <k>.
+    labels: label file names, label0_ .. label{A-1}_ in expert order.
+  """
+  case_id: str
+  folder: str
+  images: tuple[str, ...]
+  labels: tuple[str, ...]
+
+
+def natural_key(name: str) -> tuple:
+  """Sort key that orders digit runs numerically: '2' < '10', 'a2' < 'a10'."""
+  return tuple((0, int(part), '') if part.isdigit() else (1, 0, part)
+               for part in re.split(r'(\d+)', name) if part)
+
+
+def _where(folder: str, file: str | None = None) -> str:
+  return f'case folder {folder}' + (f', file {file}' if file else '')
+
+
+def scan_case(folder: str, num_annotators: int) -> CaseFiles:
+  """Lists and checks the file names of one case folder (reads no pixels)."""
+  images, labels = [], {}
+  for name in sorted(os.listdir(folder)):
+    if name.startswith('.') or os.path.isdir(os.path.join(folder, name)):
+      continue
+    lower = name.lower()
+    if m := _IMAGE_RE.match(name):
+      images.append((int(m.group(1)), name))
+    elif m := _LABEL_RE.match(name):
+      index = int(m.group(1))
+      if index in labels:
+        raise DataError(f'{_where(folder, name)}: two label files for expert {index} '
+                        f'({labels[index]} and {name}); expected one label{index}_ file')
+      labels[index] = name
+    elif lower.startswith(('image', 'label')):
+      raise DataError(
+          f'{_where(folder, name)}: unrecognised file name; expected image_<k>.<ext> or '
+          f'label<i>_.<ext> with <ext> one of {", ".join(EXTENSIONS)}')
+  if not images:
+    raise DataError(f'{_where(folder)}: no image file; expected image_<k>.jpg/.png')
+  expected = set(range(num_annotators))
+  missing, extra = sorted(expected - set(labels)), sorted(set(labels) - expected)
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append('missing ' + ', '.join(f'label{i}_' for i in missing))
+    if extra:
+      parts.append('extra ' + ', '.join(labels[i] for i in extra))
+    raise DataError(
+        f'{_where(folder)}: has {len(labels)} label file(s) '
+        f'({", ".join(labels[i] for i in sorted(labels)) or "none"}); expected '
+        f'{num_annotators} (data.num_annotators): label0_ .. label{num_annotators - 1}_; '
+        + '; '.join(parts))
+  return CaseFiles(case_id=os.path.basename(folder), folder=folder,
+                   images=tuple(n for _, n in sorted(images)),
+                   labels=tuple(labels[i] for i in range(num_annotators)))
+
+
+def scan_split_folder(split_dir: str, num_annotators: int) -> list[CaseFiles]:
+  """Every case folder of `split_dir`, in natural order."""
+  if not os.path.isdir(split_dir):
+    raise SourceNotFoundError(
+        f'split folder {split_dir} does not exist; expected ROOT/training/<case>/ and '
+        'ROOT/testing/<case>/ (CIMD layout)')
+  names = sorted((n for n in os.listdir(split_dir)
+                  if not n.startswith('.') and os.path.isdir(os.path.join(split_dir, n))),
+                 key=natural_key)
+  if not names:
+    raise DataError(f'split folder {split_dir} holds no case folders; expected '
+                    f'{split_dir}/<case>/image_<k>.jpg + label0_.jpg ...')
+  return [scan_case(os.path.join(split_dir, n), num_annotators) for n in names]
+
+
+def validation_cases(num_cases: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of the training cases held out for 'validation' (case level)."""
+  if fraction <= 0:
+    return np.zeros([0], np.int64)
+  count = max(1, int(round(fraction * num_cases)))
+  if count >= num_cases:
+    raise DataError(f'data.validation_fraction={fraction} of {num_cases} training '
+                    f'case(s) leaves no training case')
+  rng = np.random.default_rng([seed, 0x5A11D])
+  return np.sort(rng.permutation(num_cases)[:count])
+
+
+def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
+  """split -> cases of `args.source_dir`, with the validation split carved out."""
+  root = os.path.abspath(os.path.expanduser(args.source_dir))
+  if not os.path.isdir(root):
+    raise SourceNotFoundError(f'data.source_dir {args.source_dir!r} ({root}) does not '
+                              'exist or is not a folder')
+  splits = {split: scan_split_folder(os.path.join(root, sub), args.num_annotators)
+            for split, sub in SPLIT_FOLDERS.items()}
+  held_out = set(validation_cases(len(splits[TRAIN]), args.validation_fraction,
+                                  args.seed).tolist())
+  if held_out:
+    train = splits[TRAIN]
+    splits[VALIDATION] = [c for i, c in enumerate(train) if i in held_out]
+    splits[TRAIN] = [c for i, c in enumerate(train) if i not in held_out]
+  return splits
+
+
+def _load(folder: str, name: str) -> Image.Image:
+  path = os.path.join(folder, name)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      return img.copy()
+  except Exception as e:  # PIL raises several types for broken or truncated files
+    raise DataError(f'{_where(folder, name)}: cannot read image '
+                    f'({type(e).__name__}: {e}); expected a readable JPEG or PNG') from e
+
+
+def _check_size(img: Image.Image, folder: str, name: str, args: DataArgs) -> None:
+  if img.size != (args.image_size, args.image_size) and not args.resize:
+    raise DataError(
+        f'{_where(folder, name)}: is {img.size[0]}x{img.size[1]} pixels, expected '
+        f'{args.image_size}x{args.image_size} (data.image_size; set data.resize=True '
+        'to resize)')
+
+
+def _resized(img: Image.Image, size: int) -> Image.Image:
+  if img.size == (size, size):
+    return img
+  return img.resize((size, size), Image.BILINEAR)
+
+
+def _as_8bit(img: Image.Image, folder: str, name: str) -> Image.Image:
+  """The image in an 8-bit mode of _IMAGE_MODES (palette/CMYK/... converted)."""
+  if img.mode == 'P':
+    img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+  elif img.mode == '1':
+    img = img.convert('L')
+  elif img.mode in ('CMYK', 'YCbCr'):
+    img = img.convert('RGB')
+  if img.mode not in _IMAGE_MODES:
+    raise DataError(f'{_where(folder, name)}: image mode {img.mode!r} is not 8-bit; '
+                    'expected an 8-bit grayscale or RGB(A) image')
+  return img
+
+
+def read_image(case: CaseFiles, args: DataArgs) -> tuple[np.ndarray, tuple[int, int]]:
+  """The case image as uint8 [H, W, C] (C = args.image_channels) and its original
+  (width, height).
+
+  One file: its channels must equal C, or be 1 (replicated to C), or be RGB(A) with
+  equal colour channels (and opaque alpha) when C = 1. Several image files: each
+  single-channel, exactly C of them, stacked in order of <k>.
+  """
+  c = args.image_channels
+  folder = case.folder
+  if len(case.images) > 1 and len(case.images) != c:
+    raise DataError(
+        f'{_where(folder)}: has {len(case.images)} image files '
+        f'({", ".join(case.images)}); expected one image file, or exactly '
+        f'data.image_channels={c} single-channel files')
+  arrays, size = [], None
+  for name in case.images:
+    img = _load(folder, name)
+    if size is not None and img.size != size:
+      raise DataError(f'{_where(folder, name)}: is {img.size[0]}x{img.size[1]}, but '
+                      f'{case.images[0]} is {size[0]}x{size[1]}; expected equal sizes')
+    size = img.size
+    _check_size(img, folder, name, args)
+    arr = np.asarray(_resized(_as_8bit(img, folder, name), args.image_size), np.uint8)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if len(case.images) > 1 and arr.shape[-1] != 1:
+      raise DataError(f'{_where(folder, name)}: has {arr.shape[-1]} channels; with '
+                      'several image files each must be single-channel')
+    arrays.append(arr)
+  arr = np.concatenate(arrays, -1)
+  have = arr.shape[-1]
+  if have == c:
+    return arr, size
+  if have == 1:
+    return np.repeat(arr, c, -1), size
+  if c == 1 and have in (3, 4):
+    gray = arr[..., :3]
+    opaque = have == 3 or bool(np.all(arr[..., 3] == 255))
+    if opaque and np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(
+        gray[..., 0], gray[..., 2]):
+      return gray[..., :1], size
+  raise DataError(f'{_where(folder, case.images[0])}: image has {have} channels '
+                  f'({img.mode}), expected {c} (data.image_channels) or a '
+                  'single-channel image')
+
+
+def read_mask(case: CaseFiles, name: str, image_wh: tuple[int, int],
+              args: DataArgs) -> np.ndarray:
+  """One expert mask as uint8 [H, W] in {0, 1}: pixel > args.mask_threshold."""
+  folder = case.folder
+  img = _load(folder, name)
+  if img.mode not in _MASK_MODES:
+    bands = len(img.getbands())
+    raise DataError(
+        f'{_where(folder, name)}: mask has mode {img.mode!r} ({bands} channel(s)); '
+        'expected a single-channel 8-bit image (mode L or 1)')
+  if img.size != image_wh:
+    raise DataError(
+        f'{_where(folder, name)}: mask is {img.size[0]}x{img.size[1]}, but the image '
+        f'{case.images[0]} is {image_wh[0]}x{image_wh[1]}; expected equal sizes')
+  _check_size(img, folder, name, args)
+  img = _resized(img.convert('L'), args.image_size)
+  return (np.asarray(img, np.uint8) > args.mask_threshold).astype(np.uint8)
+
+
+def read_case(case: CaseFiles, args: DataArgs) -> dict[str, Any]:
+  """The record of one case: image uint8 [H, W, C], masks uint8 [A, H, W], case_id."""
+  image, wh = read_image(case, args)
+  masks = np.stack([read_mask(case, name, wh, args) for name in case.labels])
+  return {'image': image, 'masks': masks, 'case_id': case.case_id}
+
+
+def _fingerprint(splits: dict[str, list[CaseFiles]]) -> str:
+  """Hash of every file name and size: a changed source gets a new cache."""
+  listing = []
+  for split in sorted(splits):
+    for case in splits[split]:
+      for name in case.images + case.labels:
+        listing.append((split, case.case_id, name,
+                        os.path.getsize(os.path.join(case.folder, name))))
+  return records.short_hash({'files': listing}, 16)
+
+
+def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[str, Any]:
+  """Every parameter that changes the records (hashed into the config name)."""
+  return {
+      'kind': 'cimd_folder',
+      'source_dir': os.path.realpath(os.path.expanduser(args.source_dir)),
+      'files': _fingerprint(splits),
+      'image_size': args.image_size,
+      'image_channels': args.image_channels,
+      'num_annotators': args.num_annotators,
+      'mask_threshold': args.mask_threshold,
+      'resize': args.resize,
+      'validation_fraction': args.validation_fraction,
+      # The seed only changes the records through the validation split.
+      'seed': args.seed if args.validation_fraction > 0 else None,
+      'format': records.VERSION,
+  }
+
+
+class CimdFolder(records.CimdBuilder, skip_registration=True):
+  """CIMD folder layout -> ArrayRecord. Build with `make_builder`."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    p = self.builder_config.params
+    return records.dataset_info(
+        self,
+        f'CIMD folder layout from {p["source_dir"]}',
+        records.features(p['image_size'], p['image_channels'],
+                                  p['num_annotators'], with_structures=False))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    args, splits = self.builder_config.payload
+    records.write_params(self.data_dir, self.builder_config.params)
+    return {split: self._generate_examples(args, cases) for split, cases in splits.items()}
+
+  def _generate_examples(self, args: DataArgs, cases: list[CaseFiles]
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    for index, case in enumerate(cases):
+      yield index, read_case(case, args)
+
+
+def make_builder(args: DataArgs, tfds_dir: str) -> CimdFolder:
+  """The builder of `args` (scans the file names; reads no pixels)."""
+  splits = scan_source(args)
+  params = builder_params(args, splits)
+  prefix = f's{args.image_size}_c{args.image_channels}_a{args.num_annotators}'
+  config = records.CimdConfig(name=records.config_name(prefix, params), params=params,
+                              payload=(args, splits))
+  return CimdFolder(config=config, data_dir=tfds_dir)
+
+
+def validate(builder: CimdFolder) -> None:
+  """Reads every case of every split; raises DataError on the first bad one."""
+  args, splits = builder.builder_config.payload
+  for cases in splits.values():
+    for case in cases:
+      read_case(case, args)
