@@ -59,11 +59,10 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint's parameters do not fit the configured model."""
 
 
-def sampling_tables(betas: np.ndarray, steps: str) -> schedule.DiffusionTables:
+def sampling_tables(betas: np.ndarray, steps: str, sampler: str = 'ddpm'
+                    ) -> schedule.DiffusionTables:
   """Tables over the kept steps: all T for '', else the respaced subset ('100', 'ddim50')."""
-  if not steps:
-    return schedule.make_tables(betas)
-  return schedule.respaced_tables(betas, steps)
+  return samplers.sampler_from_name(betas, steps, sampler)[0]
 
 
 # ------------------------------------------------------------------ restore
@@ -306,7 +305,7 @@ class SampleSetup:
 
 def _prepare(setup: SampleSetup, workdir: str):
   params, step = restore_unet_params(workdir, setup.unet, setup.restore)
-  tables = sampling_tables(setup.betas, setup.sampler.steps)
+  tables = sampling_tables(setup.betas, setup.sampler.steps, setup.sampler.sampler)
   draw = make_ensemble_fn(setup.unet, tables, setup.sampler, setup.num_samples)
   key = jax.random.PRNGKey(setup.seed)
   manifest = {'checkpoint_step': step, 'use_ema': setup.restore.use_ema,

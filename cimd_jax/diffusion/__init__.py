@@ -1,0 +1,6 @@
+"""The pure-functional Gaussian diffusion core.
+
+  schedule   beta schedules, `DiffusionTables`, timestep respacing
+  gaussian   q_sample, posteriors, p_mean_variance, KL / likelihood terms, vlb_terms
+  samplers   lax.scan DDPM / respaced DDPM / DDIM and chunked ensembles
+"""

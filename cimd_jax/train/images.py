@@ -16,13 +16,13 @@ def make_image_summary_fn(data_args: Any, unet_args: build.UNetArgs, betas: np.n
                           ) -> Callable[[Any, int], dict[str, np.ndarray]]:
   """Returns f(ema_unet_params, step) -> {'samples': float32 [1, H', W', 3] in [0, 1]}.
 
-  Samples with DDIM (eta 0) over `sampler_steps` steps; the cases are the first
+  Samples with DDIM (eta 0) over `sampler_steps` respaced steps; the cases are the first
   `num_cases` of the test split (falling back to train).
   """
   from cimd_jax import sample  # pylint: disable=g-import-not-at-top
   from cimd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  steps = f'ddim{max(min(sampler_steps, len(betas)), 1)}'
-  tables = sample.sampling_tables(betas, steps)
+  steps = str(max(min(sampler_steps, len(betas)), 1))  # evenly respaced, any count
+  tables = sample.sampling_tables(betas, steps, 'ddim')
   sampler = sample.SamplerArgs(sampler='ddim', steps=steps, eta=0.0, variance=variance,
                                max_batch=num_cases * num_samples)
   draw = sample.make_ensemble_fn(unet_args, tables, sampler, num_samples)
