@@ -42,18 +42,20 @@ _PAD1 = ((1, 1), (1, 1))  # PyTorch padding=1 (also for the stride-2 conv).
 
 
 def num_groups(channels: int) -> int:
-  """GroupNorm groups for `channels`: 32 when channels >= 32 (the paper's
-  GroupNorm(32)); below 32 (tiny test configs) the largest divisor of `channels`
-  that leaves >= 2 channels per group (8 -> 4, 16 -> 8, 24 -> 12).
+  """GroupNorm groups for `channels`: 32 when 32 divides `channels` (the paper's
+  GroupNorm(32); every width of the paper's configs); otherwise (small or odd widths,
+  e.g. tiny test configs) the largest divisor of `channels` that is <= 32 and leaves
+  >= 2 channels per group (8 -> 4, 16 -> 8, 24 -> 12, 48 -> 24).
 
   Not `channels` groups: one channel per group would normalise away the per-channel
   timestep shift added before the second GroupNorm of each ResBlock, so a tiny UNet
   without scale-shift norm would ignore t. (At exactly 32 channels the PyTorch model
   has that property too; it is kept there for parity.)
   """
-  if channels >= 32:
+  if channels % 32 == 0:
     return 32
-  return max([g for g in range(1, channels // 2 + 1) if channels % g == 0], default=1)
+  return max([g for g in range(1, min(32, channels // 2) + 1) if channels % g == 0],
+             default=1)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

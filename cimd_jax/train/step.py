@@ -40,7 +40,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def tree_norm(tree: Any) -> jax.Array:
   """Global L2 norm of a pytree, float32 scalar."""
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, networks: Networks,
