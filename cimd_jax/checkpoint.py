@@ -29,7 +29,9 @@ def make_manager(workdir: str, keep: int, create: bool = True) -> ocp.Checkpoint
       enable_async_checkpointing=False,
   )
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options, item_names=('state', 'data'))
+      checkpoint_dir(workdir), options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -57,11 +59,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return restored['state'], dict(restored['data'] or {})
 
 
-def restore_state_only(manager: ocp.CheckpointManager, step: int,
-                       abstract_state: Any) -> Any:
-  """Restores only the `state` item (sampling needs no data iterator)."""
+def restore_on_one_device(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The `state` item at `step` as a dict tree of arrays on this process's first device,
+  whatever the device topology it was saved from (e.g. a multi-host job)."""
+  metadata = manager.item_metadata(step)['state']
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata)
   restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored['state']
 
 

@@ -86,9 +86,7 @@ def restore_unet_params(workdir: str, unet_args: build.UNetArgs,
     raise FileNotFoundError(
         f'No checkpoint for step {step} in {ckpt_dir}; available steps: {steps}')
   manager = checkpoint.make_manager(workdir, keep=max(len(steps), 1), create=False)
-  restored = manager.restore(
-      step, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardRestore()))
-  state = restored['state']
+  state = checkpoint.restore_on_one_device(manager, step)
   which = 'ema_params' if restore.use_ema else 'params'
   params = _get(state, which)['unet']
   unet = build.build_unet(unet_args)
