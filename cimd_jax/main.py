@@ -15,7 +15,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and outputs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'demo'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'sample', 'evaluate', 'demo', 'compare_samplers'],
                           'What to run.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (auto-detects SLURM / TPU).')
@@ -32,6 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from cimd_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.quiet_library_logs()
   runtime.initialize_distributed(
       _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
       [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)

@@ -17,6 +17,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     evaluate(config, workdir)
   elif mode == 'demo':
     demo(config, workdir)
+  elif mode == 'compare_samplers':
+    compare_samplers(config, workdir)
   else:
     raise ValueError(f'Unknown mode {mode!r}')
 
@@ -57,3 +59,19 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = demo_lib.DemoSetup(train_fn=lambda: train(config, workdir),
                              eval_setup=from_config.sample_setup(config, 'evaluate'))
   return demo_lib.run_demo(setup, workdir)
+
+
+def compare_samplers(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Scores DDPM-T, DDPM-100/50, DDIM-50/25 on the eval split; writes and returns
+  WORKDIR/report/samplers.md."""
+  import os  # pylint: disable=g-import-not-at-top
+  from cimd_jax import compare_samplers as compare_lib  # pylint: disable=g-import-not-at-top
+  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
+  rows, rec = compare_lib.compare(from_config.sample_setup(config, 'evaluate'), workdir)
+  table = compare_lib.markdown_table(rows, rec)
+  os.makedirs(os.path.join(workdir, 'report'), exist_ok=True)
+  path = os.path.join(workdir, 'report', 'samplers.md')
+  with open(path, 'w') as f:
+    f.write(table + '\n')
+  print(table, flush=True)
+  return path

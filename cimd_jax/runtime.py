@@ -1,10 +1,27 @@
 """Process-level set-up done once before any JAX computation: multi-host
 initialisation through `jax.distributed` and the persistent compilation cache."""
 
+import logging as py_logging
 import os
 
 from absl import logging
 import jax
+
+_CHATTY_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO lines from libraries that log every save, load and read."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+  """Keeps cimd_jax's INFO progress lines on the console, without library chatter."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def initialize_distributed(enable: bool, coordinator_address: str | None = None,

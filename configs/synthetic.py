@@ -17,10 +17,10 @@ def get_config():
   config.model.latent_convs_per_block = 2
   config.diffusion.num_timesteps = 1000
   config.training.batch_size = 32
-  config.training.num_steps = 3000
+  config.training.num_steps = 1500
   config.training.learning_rate = 3e-4
   config.training.warmup_steps = 100
-  config.training.ema_rate = 0.999
+  config.training.ema_rate = 0.995
   config.training.checkpoint_every = 500
   config.training.log_every = 50
   config.training.image_every = 1000

@@ -250,3 +250,13 @@ def sample_ensemble(apply_fn: ApplyFn, params: Any, tables: DiffusionTables,
 def masks_from_x0(x0: jax.Array) -> jax.Array:
   """Binary masks from samples in [-1, 1]: bool, same shape (e.g. [B, N, H, W, 1]), x0 > 0."""
   return x0 > 0
+
+
+def reverse_step(apply_fn: ApplyFn, params: Any, tables: DiffusionTables, image: jax.Array,
+                 row_keys: jax.Array, x_t: jax.Array, i: jax.Array, *, sampler: str = 'ddpm',
+                 variance: str = 'learned_range', eta: float = 0.0,
+                 clip_denoised: bool = True) -> jax.Array:
+  """One reverse step (the body of the scan) from table index i, for benchmarks:
+  x_t [R, H, W, 1] -> x_{i-1} [R, H, W, 1]."""
+  return _step(apply_fn, params, tables, image, row_keys, x_t, i, sampler=sampler,
+               variance=variance, eta=eta, clip_denoised=clip_denoised)

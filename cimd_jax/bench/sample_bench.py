@@ -1,0 +1,75 @@
+"""Sampling speed: one reverse step of a whole ensemble (B images x N samples in one
+batch) and a whole ensemble through the scanned sampler."""
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cimd_jax import sample
+from cimd_jax.bench import common
+from cimd_jax.diffusion import samplers
+from cimd_jax.models import build
+
+
+def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 5,
+                 ensemble: str = 'auto', max_ensemble_s: float = 600.0) -> dict[str, Any]:
+  """Seconds per reverse step of the B*N-row ensemble and per whole ensemble.
+
+  `ensemble`: 'measure' times one whole ensemble through `sample_ensemble` (after a
+  compile call), 'estimate' reports step time x steps, 'auto' measures when the
+  estimate is under `max_ensemble_s`.
+  """
+  unet = build.build_unet(setup.unet)
+  size, channels = setup.unet.image_size, setup.unet.image_channels
+  params = jax.jit(lambda k: unet.init(
+      k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
+      train=False)['params'])(jax.random.PRNGKey(0))
+  tables = sample.sampling_tables(setup.betas, setup.sampler.steps, setup.sampler.sampler)
+  n, b = setup.num_samples, num_images
+  rows = b * n
+
+  def apply_fn(p, x, t):
+    return unet.apply({'params': p}, x, t, train=False)
+
+  step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
+      apply_fn, p, tables, img, keys, x, i, sampler=setup.sampler.sampler,
+      variance=setup.sampler.variance, eta=setup.sampler.eta))
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.uniform(-1, 1, (rows, size, size, channels)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((rows, size, size, 1)), jnp.float32)
+  keys = jax.random.split(jax.random.PRNGKey(1), rows)
+  i = jnp.int32(tables.num_timesteps - 1)
+  compiled, compile_s, flops = common.compile_timed(step_fn, params, image, keys, x, i)
+  step_median, times = common.time_calls(lambda: compiled(params, image, keys, x, i),
+                                         repeats=repeats, warmup=1)
+  num_steps = tables.num_timesteps
+  record = {
+      'what': 'sample', 'sampler': setup.sampler.sampler,
+      'steps': num_steps, 'num_images': b, 'num_samples': n, 'rows': rows,
+      'step_median_s': step_median, 'step_times_s': times, 'step_compile_s': compile_s,
+      'flops_per_step': flops, 'gflops_per_s': flops / step_median / 1e9,
+      'ensemble_estimate_s': step_median * num_steps,
+  }
+  measure = ensemble == 'measure' or (ensemble == 'auto' and
+                                      step_median * num_steps <= max_ensemble_s)
+  if measure:
+    images = np.asarray(rng.uniform(-1, 1, (b, size, size, channels)), np.float32)
+    draw = sample.make_ensemble_fn(setup.unet, tables, setup.sampler, n)
+    t = time.perf_counter()
+    draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    masks = draw(params, images, jax.random.PRNGKey(3), 0)
+    record['ensemble_s'] = time.perf_counter() - t
+    record['ensemble_compile_s'] = max(first - record['ensemble_s'], 0.0)
+    record['ensemble_measured'] = True
+    assert masks.shape == (b, n, size, size), masks.shape
+  else:
+    record['ensemble_s'] = record['ensemble_estimate_s']
+    record['ensemble_measured'] = False
+  record['peak_rss_mib'] = common.peak_rss_mib()
+  record['device_peak_mib'] = common.device_peak_mib()
+  return record

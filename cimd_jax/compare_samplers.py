@@ -1,0 +1,61 @@
+"""Sampler choice by evidence: the same checkpoint and test images scored with several
+samplers (ancestral DDPM over all T steps, respaced DDPM, DDIM), with wall time, as a
+markdown table. The recommended default is the fastest sampler whose CI is within
+`tolerance` of the full-T ancestral result."""
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from cimd_jax import sample
+
+DEFAULT_CANDIDATES = (('ddpm', ''), ('ddpm', '100'), ('ddpm', '50'), ('ddim', 'ddim50'),
+                      ('ddim', 'ddim25'))
+
+
+def compare(setup: sample.SampleSetup, workdir: str,
+            candidates: tuple[tuple[str, str], ...] = DEFAULT_CANDIDATES,
+            tolerance: float = 0.02) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Evaluates each (sampler, steps) on the eval split; returns (rows, recommendation)."""
+  rows = []
+  for kind, steps in candidates:
+    name = f'{kind}{steps or len(setup.betas)}' if not steps.startswith('ddim') else steps
+    sampler = dataclasses.replace(setup.sampler, sampler=kind, steps=steps)
+    out_dir = os.path.join(workdir, 'samplers', name)
+    t = time.perf_counter()
+    _, result, _ = sample.evaluate_cases(
+        dataclasses.replace(setup, sampler=sampler, output_dir=out_dir), workdir)
+    seconds = time.perf_counter() - t
+    num_steps = sample.sampling_tables(setup.betas, steps, kind).num_timesteps
+    rows.append({'name': name, 'sampler': kind, 'steps': num_steps,
+                 'seconds': seconds, 'num_images': result['num_images'],
+                 'num_samples': result['num_samples'],
+                 **{k: result['metrics'][k]['mean'] for k in sample.METRIC_KEYS}})
+  return rows, recommend(rows, tolerance)
+
+
+def recommend(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any]:
+  """The fewest-step row whose CI is within `tolerance` of rows[0] (the reference)."""
+  reference = rows[0]
+  good = [r for r in rows if r['ci'] >= reference['ci'] - tolerance]
+  best = min(good, key=lambda r: (int(r['steps']), r['seconds']))
+  return {'reference': reference['name'], 'recommended': best['name'],
+          'tolerance': tolerance}
+
+
+def markdown_table(rows: list[dict[str, Any]], recommendation: dict[str, Any]) -> str:
+  """The comparison as a markdown table plus the recommendation line."""
+  head = ('| sampler | steps | CI | S_c | D_max | D_a | GED | HM-IoU | wall s |\n'
+          '|---|---|---|---|---|---|---|---|---|')
+  lines = [head]
+  for r in rows:
+    lines.append(f'| {r["name"]} | {r["steps"]} | {r["ci"]:.4f} | {r["sc"]:.4f} | '
+                 f'{r["dmax"]:.4f} | {r["da"]:.4f} | {r["ged"]:.4f} | {r["hm_iou"]:.4f} | '
+                 f'{r["seconds"]:.0f} |')
+  n = rows[0]['num_samples']
+  lines.append('')
+  lines.append(f'{rows[0]["num_images"]} test images, N = {n} samples per image. '
+               f'Recommended: **{recommendation["recommended"]}** — the fewest steps whose '
+               f'CI is within {recommendation["tolerance"]} of {recommendation["reference"]}.')
+  return '\n'.join(lines)

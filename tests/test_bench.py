@@ -1,0 +1,51 @@
+"""python -m cimd_jax.bench prints one JSON line per measurement with the promised keys."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _bench(*args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, '-m', 'cimd_jax.bench', '--json', *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
+  assert len(lines) == 1, out.stdout
+  return json.loads(lines[0])
+
+
+def test_model_bench_paper_config_with_override():
+  record = _bench('--config=configs/lidc.py', '--what=model', '--config.data.image_channels=4')
+  assert record['unet_params'] == 85_603_842
+  assert record['amn_params'] == record['acn_params'] == 1_368_972  # 5 input channels
+  assert abs(record['unet_forward_flops'] / 132.17e9 - 1) < 0.05
+  for key in ('device', 'jax_version', 'threads'):
+    assert key in record
+
+
+@pytest.mark.slow
+def test_train_and_sample_bench_keys():
+  train = _bench('--config=configs/test.py', '--what=train', '--batch=4', '--repeats=5')
+  for key in ('what', 'config', 'batch', 'median_s', 'images_per_s', 'gflops_per_s',
+              'roofline_fraction', 'peak_rss_mib', 'compile_s', 'matmul_gflops_per_s'):
+    assert key in train, key
+  assert train['config'] == 'test' and train['batch'] == 4 and len(train['times_s']) == 5
+  assert 0 < train['roofline_fraction'] < 2
+  sample = _bench('--config=configs/test.py', '--what=sample', '--config.sampling.num_samples=16')
+  for key in ('what', 'config', 'sampler', 'steps', 'num_samples', 'step_median_s',
+              'ensemble_s'):
+    assert key in sample, key
+  assert sample['num_samples'] == 16 and sample['steps'] == 10 and sample['ensemble_measured']
+
+
+def test_metrics_bench_reports_speedup():
+  record = _bench('--what=metrics', '--batch=32', '--repeats=5')
+  assert record['what'] == 'metrics' and record['batch'] == 32
+  assert record['speedup'] > 1 and record['images_per_s'] > 0
