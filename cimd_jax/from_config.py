@@ -92,6 +92,7 @@ def objective_args(model: ml_collections.ConfigDict,
       kl_weight=float(model.kl_weight),
       amn_input=model.amn_input,
       acn_input=model.acn_input,
+      prediction=diffusion.prediction,
   )
 
 
@@ -165,7 +166,8 @@ def sampler_args(sampling: ml_collections.ConfigDict,
     raise ValueError(f"sampling.sampler must be 'ddpm' or 'ddim', got {kind!r}")
   return sample.SamplerArgs(sampler=kind, steps=steps, eta=float(sampling.ddim_eta),
                             variance=diffusion.variance,
-                            max_batch=max(int(sampling.max_batch), 1))
+                            max_batch=max(int(sampling.max_batch), 1),
+                            prediction=diffusion.prediction)
 
 
 def sample_setup(config: ml_collections.ConfigDict, mode: str) -> 'sample.SampleSetup':

@@ -34,7 +34,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     image_fn = images.make_image_summary_fn(
         setup.data, setup.unet, from_config.training_betas(config.diffusion), workdir,
         num_samples=setup.loop.image_samples, sampler_steps=setup.loop.image_sampler_steps,
-        variance=setup.objective.variance, seed=setup.loop.seed)
+        variance=setup.objective.variance, prediction=setup.objective.prediction,
+        seed=setup.loop.seed)
   return loop.train_and_evaluate(setup, workdir, image_summary_fn=image_fn)
 
 

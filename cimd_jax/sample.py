@@ -27,6 +27,7 @@ from cimd_jax import figures
 from cimd_jax import metrics
 from cimd_jax import progress
 from cimd_jax.data import image_folder
+from cimd_jax.diffusion import gaussian
 from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion import schedule
 from cimd_jax.models import build
@@ -42,6 +43,7 @@ class SamplerArgs:
   eta: float = 0.0
   variance: str = 'learned_range'
   max_batch: int = 64            # rows (images x samples) per compiled call
+  prediction: str = 'eps'        # what the UNet's first channel predicts: 'eps' | 'x0'
 
   def describe(self, num_timesteps: int) -> dict[str, Any]:
     return {'sampler': self.sampler, 'steps': self.steps or str(num_timesteps),
@@ -133,18 +135,32 @@ def check_params_fit(params: Any, expected: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------ drawing
-def make_ensemble_fn(unet_args: build.UNetArgs, tables: schedule.DiffusionTables,
-                     sampler: SamplerArgs, num_samples: int
-                     ) -> Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]:
-  """(params, images [B, H, W, C], key, first_image_index) -> masks bool [B, N, H, W].
+def denoiser(unet_args: build.UNetArgs, train_tables: schedule.DiffusionTables,
+             prediction: str) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+  """apply_fn(params, x [R, H, W, C+1], t_orig int [R]) -> eps-form output [R, H, W, 2|1].
 
-  Image b's masks depend only on (key, first_image_index + b), not on how images are
-  grouped into calls.
+  `train_tables` are the full T-step tables (t_orig indexes them); with prediction
+  'x0' the UNet's x_0 output is turned into eps there (gaussian.as_eps_output).
   """
   unet = build.build_unet(unet_args)
 
   def apply_fn(params, x, t):
-    return unet.apply({'params': params}, x, t, train=False)
+    out = unet.apply({'params': params}, x, t, train=False)
+    return gaussian.as_eps_output(train_tables, out, x[..., -1:], t, prediction)
+  return apply_fn
+
+
+def make_ensemble_fn(unet_args: build.UNetArgs, tables: schedule.DiffusionTables,
+                     sampler: SamplerArgs, num_samples: int,
+                     train_tables: schedule.DiffusionTables
+                     ) -> Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]:
+  """(params, images [B, H, W, C], key, first_image_index) -> masks bool [B, N, H, W].
+
+  `tables` are the sampler's (possibly respaced) steps, `train_tables` the training
+  process's T steps. Image b's masks depend only on (key, first_image_index + b),
+  not on how images are grouped into calls.
+  """
+  apply_fn = denoiser(unet_args, train_tables, sampler.prediction)
 
   def draw(params, images, key, first_image_index):
     x0 = samplers.sample_ensemble(
@@ -304,7 +320,8 @@ class SampleSetup:
 def _prepare(setup: SampleSetup, workdir: str):
   params, step = restore_unet_params(workdir, setup.unet, setup.restore)
   tables = sampling_tables(setup.betas, setup.sampler.steps, setup.sampler.sampler)
-  draw = make_ensemble_fn(setup.unet, tables, setup.sampler, setup.num_samples)
+  draw = make_ensemble_fn(setup.unet, tables, setup.sampler, setup.num_samples,
+                          schedule.make_tables(setup.betas))
   key = jax.random.PRNGKey(setup.seed)
   manifest = {'checkpoint_step': step, 'use_ema': setup.restore.use_ema,
               **setup.sampler.describe(len(setup.betas)), 'num_samples': setup.num_samples,

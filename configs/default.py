@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_schedule = 'linear'   # 'linear' | 'cosine'
   diffusion.variance = 'learned_range'  # 'learned_range' | 'fixed_small' | 'fixed_large'
   diffusion.vlb_weight = 0.001     # lambda; the VLB term is T * L_t (unbiased full VLB)
+  diffusion.prediction = 'eps'     # UNet's first channel: 'eps' (paper) | 'x0'
 
   # ---------------------------------------------------------------- training
   training = config.training = ml_collections.ConfigDict()

@@ -31,8 +31,8 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
   n, b = setup.num_samples, num_images
   rows = b * n
 
-  def apply_fn(p, x, t):
-    return unet.apply({'params': p}, x, t, train=False)
+  apply_fn = sample.denoiser(setup.unet, sample.sampling_tables(setup.betas, ''),
+                            setup.sampler.prediction)
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
       apply_fn, p, tables, img, keys, x, i, sampler=setup.sampler.sampler,
@@ -57,7 +57,8 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
                                       step_median * num_steps <= max_ensemble_s)
   if measure:
     images = np.asarray(rng.uniform(-1, 1, (b, size, size, channels)), np.float32)
-    draw = sample.make_ensemble_fn(setup.unet, tables, setup.sampler, n)
+    draw = sample.make_ensemble_fn(setup.unet, tables, setup.sampler, n,
+                                   sample.sampling_tables(setup.betas, ''))
     t = time.perf_counter()
     draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
     first = time.perf_counter() - t

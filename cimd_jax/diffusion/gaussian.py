@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from cimd_jax.diffusion.schedule import DiffusionTables
 
 VARIANCES = ('learned_range', 'fixed_small', 'fixed_large')
+# What the network's first output channel(s) predict: the noise (the paper) or x_0.
+PREDICTIONS = ('eps', 'x0')
 
 
 def _extract(arr: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
@@ -100,6 +102,28 @@ def predict_eps_from_xstart(tables: DiffusionTables, x_t: jax.Array, t: jax.Arra
   n = x_t.ndim
   return ((_extract(tables.sqrt_recip_alphas_cumprod, t, n) * x_t - pred_xstart)
           / _extract(tables.sqrt_recipm1_alphas_cumprod, t, n))
+
+
+def as_eps_output(tables: DiffusionTables, model_output: jax.Array, x_t: jax.Array,
+                  t: jax.Array, prediction: str) -> jax.Array:
+  """The network output with its first channel(s) expressed as eps.
+
+  With prediction 'x0' the network's first channel(s) are an x_0 prediction, turned
+  into eps = (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t) so that everything downstream
+  (posterior mean, VLB, samplers) stays eps-based; p_mean_variance recovers the same
+  x_0. With 'eps' the output is returned unchanged.
+
+  Args:
+    model_output: [B, H, W, C] or [B, H, W, 2C] (with v).
+    x_t: [B, H, W, C]; t: int [B] indices into `tables`.
+  """
+  if prediction not in PREDICTIONS:
+    raise ValueError(f'prediction must be one of {PREDICTIONS}, got {prediction!r}')
+  if prediction == 'eps':
+    return model_output
+  c = x_t.shape[-1]
+  eps = predict_eps_from_xstart(tables, x_t, t, model_output[..., :c])
+  return jnp.concatenate([eps, model_output[..., c:]], axis=-1)
 
 
 def p_mean_variance(tables: DiffusionTables, model_output: jax.Array, x_t: jax.Array,

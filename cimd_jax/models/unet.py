@@ -14,9 +14,9 @@ Architecture (Dhariwal & Nichol 2021, as used by CIMD):
   up ResBlock) at the end of every level but the first;
 - GroupNorm - SiLU - zero-initialised conv3x3 to the output channels.
 
-GroupNorm uses 32 groups for >= 32 channels, the paper's GroupNorm(32) (channels
-must then be a multiple of 32, as in PyTorch); below 32 channels (tiny test configs)
-it uses channels/2 groups (see `num_groups`). Normalisation always runs in float32
+GroupNorm uses 32 groups wherever 32 divides the width, the paper's GroupNorm(32)
+(every width of the paper's configs); other widths (tiny test configs) use the
+largest divisor <= 32 that keeps >= 2 channels per group (see `num_groups`). Normalisation always runs in float32
 (as guided-diffusion's GroupNorm32), whatever the compute dtype.
 
 Kernels use PyTorch's default initialisation (uniform, variance 1/(3·fan_in)),

@@ -12,7 +12,8 @@ from cimd_jax.models import build
 
 def make_image_summary_fn(data_args: Any, unet_args: build.UNetArgs, betas: np.ndarray,
                           workdir: str, num_samples: int, sampler_steps: int,
-                          variance: str, num_cases: int = 2, seed: int = 0
+                          variance: str, prediction: str = 'eps', num_cases: int = 2,
+                          seed: int = 0
                           ) -> Callable[[Any, int], dict[str, np.ndarray]]:
   """Returns f(ema_unet_params, step) -> {'samples': float32 [1, H', W', 3] in [0, 1]}.
 
@@ -24,8 +25,9 @@ def make_image_summary_fn(data_args: Any, unet_args: build.UNetArgs, betas: np.n
   steps = str(max(min(sampler_steps, len(betas)), 1))  # evenly respaced, any count
   tables = sample.sampling_tables(betas, steps, 'ddim')
   sampler = sample.SamplerArgs(sampler='ddim', steps=steps, eta=0.0, variance=variance,
-                               max_batch=num_cases * num_samples)
-  draw = sample.make_ensemble_fn(unet_args, tables, sampler, num_samples)
+                               max_batch=num_cases * num_samples, prediction=prediction)
+  draw = sample.make_ensemble_fn(unet_args, tables, sampler, num_samples,
+                                 sample.sampling_tables(betas, ''))
   cases: list = []
 
   def summary(params: Any, step: int) -> dict[str, np.ndarray]:

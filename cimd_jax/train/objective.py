@@ -2,8 +2,10 @@
 
 Per example (Rahman et al., CVPR 2023, eq. 8; improved DDPM for the hybrid loss):
   * t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t = q_sample(x_b, t, eps)
-  * the UNet sees concat(b, x_t) and predicts (eps_hat, v)
-  * L_simple = mean over pixels of (eps - eps_hat)^2
+  * the UNet sees concat(b, x_t) and predicts (eps_hat, v) -- or (x0_hat, v) with
+    `prediction='x0'`, an option of improved DDPM that is steadier for binary masks
+    at high noise; eps_hat is then derived from x0_hat
+  * L_simple = mean over pixels of (eps - eps_hat)^2 (or of (x_b - x0_hat)^2)
   * L_vlb    = T * L_t (bits/dim) with the predicted mean detached, so it trains only
                the variance (the unbiased single-sample estimate of the full VLB; with
                lambda = 0.001 this is improved DDPM's hybrid loss)
@@ -33,12 +35,16 @@ class ObjectiveArgs:
   kl_weight: float = 1.0            # beta
   amn_input: str = 'clean'          # 'clean' | 'noisy'
   acn_input: str = 'x0'             # 'x0' | 'eps'
+  prediction: str = 'eps'           # the UNet predicts 'eps' (paper) or 'x0'
 
   def __post_init__(self):
     if self.amn_input not in ('clean', 'noisy'):
       raise ValueError(f"model.amn_input must be 'clean' or 'noisy', got {self.amn_input!r}")
     if self.acn_input not in ('x0', 'eps'):
       raise ValueError(f"model.acn_input must be 'x0' or 'eps', got {self.acn_input!r}")
+    if self.prediction not in gaussian.PREDICTIONS:
+      raise ValueError(f'diffusion.prediction must be one of {gaussian.PREDICTIONS}, '
+                       f'got {self.prediction!r}')
 
 
 def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTables,
@@ -62,8 +68,13 @@ def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTabl
   model_in = jnp.concatenate([image, x_t], axis=-1)
   out = networks.unet.apply({'params': params['unet']}, model_in, t, train=train,
                             rngs={'dropout': dropout_rng})
-  eps_hat = out[..., :1]
-  mse = jnp.mean(jnp.square(noise - eps_hat), axis=(1, 2, 3))
+  if args.prediction == 'x0':
+    x0_raw = out[..., :1]
+    mse = jnp.mean(jnp.square(mask - x0_raw), axis=(1, 2, 3))
+    eps_hat = gaussian.predict_eps_from_xstart(tables, x_t, t, x0_raw)
+  else:
+    eps_hat = out[..., :1]
+    mse = jnp.mean(jnp.square(noise - eps_hat), axis=(1, 2, 3))
 
   if args.variance == 'learned_range':
     frozen = jnp.concatenate([jax.lax.stop_gradient(eps_hat), out[..., 1:]], axis=-1)
@@ -74,7 +85,9 @@ def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTabl
 
   amn_mask = mask if args.amn_input == 'clean' else x_t
   if args.acn_input == 'x0':
-    acn_mask = jnp.clip(gaussian.predict_xstart_from_eps(tables, x_t, t, eps_hat), -1., 1.)
+    x0_hat = x0_raw if args.prediction == 'x0' else gaussian.predict_xstart_from_eps(
+        tables, x_t, t, eps_hat)
+    acn_mask = jnp.clip(x0_hat, -1., 1.)
   else:
     acn_mask = eps_hat
   q_mean, q_log_sigma = networks.amn.apply(
