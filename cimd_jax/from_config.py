@@ -121,6 +121,7 @@ def loop_args(training: ml_collections.ConfigDict) -> LoopArgs:
       image_every=int(training.image_every),
       image_samples=int(training.image_samples),
       image_sampler_steps=int(training.image_sampler_steps),
+      microbatches=int(training.microbatches),
   )
 
 
@@ -167,7 +168,8 @@ def sampler_args(sampling: ml_collections.ConfigDict,
   return sample.SamplerArgs(sampler=kind, steps=steps, eta=float(sampling.ddim_eta),
                             variance=diffusion.variance,
                             max_batch=max(int(sampling.max_batch), 1),
-                            prediction=diffusion.prediction)
+                            prediction=diffusion.prediction,
+                            clip_variance=bool(sampling.clip_variance))
 
 
 def sample_setup(config: ml_collections.ConfigDict, mode: str) -> 'sample.SampleSetup':

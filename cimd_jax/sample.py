@@ -44,11 +44,14 @@ class SamplerArgs:
   variance: str = 'learned_range'
   max_batch: int = 64            # rows (images x samples) per compiled call
   prediction: str = 'eps'        # what the UNet's first channel predicts: 'eps' | 'x0'
+  # Keep the learned variance inside [beta_tilde_t, beta_t] (v clipped to [-1, 1]).
+  clip_variance: bool = True
 
   def describe(self, num_timesteps: int) -> dict[str, Any]:
     return {'sampler': self.sampler, 'steps': self.steps or str(num_timesteps),
             'ddim_eta': self.eta if self.sampler == 'ddim' else None,
-            'variance': self.variance}
+            'variance': self.variance, 'prediction': self.prediction,
+            'clip_variance': self.clip_variance}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +139,26 @@ def check_params_fit(params: Any, expected: Any, where: str) -> None:
 
 # ------------------------------------------------------------------ drawing
 def denoiser(unet_args: build.UNetArgs, train_tables: schedule.DiffusionTables,
-             prediction: str) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+             prediction: str, clip_variance: bool = True
+             ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   """apply_fn(params, x [R, H, W, C+1], t_orig int [R]) -> eps-form output [R, H, W, 2|1].
 
   `train_tables` are the full T-step tables (t_orig indexes them); with prediction
   'x0' the UNet's x_0 output is turned into eps there (gaussian.as_eps_output).
+  With `clip_variance` the learned-range channel v is clipped to [-1, 1], so that
+  log sigma^2 = frac log beta + (1 - frac) log beta_tilde interpolates (frac in
+  [0, 1]) and never extrapolates: the hybrid loss trains v only through the VLB, and
+  at few-step respacing an out-of-range v (seen up to 13 on the synthetic demo) turns
+  into a variance of order 1 in the last steps, which destroys the sample.
   """
   unet = build.build_unet(unet_args)
 
   def apply_fn(params, x, t):
     out = unet.apply({'params': params}, x, t, train=False)
-    return gaussian.as_eps_output(train_tables, out, x[..., -1:], t, prediction)
+    out = gaussian.as_eps_output(train_tables, out, x[..., -1:], t, prediction)
+    if clip_variance and out.shape[-1] == 2:
+      out = jnp.concatenate([out[..., :1], jnp.clip(out[..., 1:], -1.0, 1.0)], axis=-1)
+    return out
   return apply_fn
 
 
@@ -160,7 +172,7 @@ def make_ensemble_fn(unet_args: build.UNetArgs, tables: schedule.DiffusionTables
   process's T steps. Image b's masks depend only on (key, first_image_index + b),
   not on how images are grouped into calls.
   """
-  apply_fn = denoiser(unet_args, train_tables, sampler.prediction)
+  apply_fn = denoiser(unet_args, train_tables, sampler.prediction, sampler.clip_variance)
 
   def draw(params, images, key, first_image_index):
     x0 = samplers.sample_ensemble(

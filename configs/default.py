@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.image_samples = 4       # samples per image in the image summary
   training.image_sampler_steps = 50
   training.remat = False           # rematerialise UNet blocks (less memory)
+  # Accumulate each step's gradient over this many equal micro-batches (a lax.scan):
+  # activation memory of batch_size/microbatches images, same update. Must divide
+  # batch_size, and batch_size/microbatches must be a multiple of the device count.
+  training.microbatches = 1
   training.compute_dtype = 'float32'  # 'bfloat16' on GPU/TPU; params stay float32
 
   # ---------------------------------------------------------------- sampling
@@ -83,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.sampler = 'ddpm'        # 'ddpm' (ancestral) | 'ddim'
   sampling.steps = ''              # '' = all T; '100' respaced; 'ddim50' for DDIM
   sampling.ddim_eta = 0.0
+  # Clip the learned variance channel v to [-1, 1] (sigma^2 between beta_tilde and
+  # beta) when sampling; False follows improved DDPM and lets it extrapolate.
+  sampling.clip_variance = True
   sampling.num_samples = 16        # N masks per image
   sampling.max_batch = 64          # rows (images x samples) per compiled call
   sampling.use_ema = True

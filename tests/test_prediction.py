@@ -46,3 +46,27 @@ def test_x0_objective_regresses_the_mask():
   terms = objective.loss_terms(params, networks, setup.tables, batch, jax.random.PRNGKey(1),
                                setup.objective)
   np.testing.assert_allclose(terms['mse'], [1.0], rtol=1e-6)
+
+
+def test_sampling_denoiser_clips_the_learned_variance_channel():
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
+  from cimd_jax import sample  # pylint: disable=g-import-not-at-top
+  from cimd_jax.models import build  # pylint: disable=g-import-not-at-top
+  setup = from_config.train_setup(test_config.get_config())
+  networks = build.build_networks(setup.unet, setup.latent)
+  params = build.init_params(networks, jax.random.PRNGKey(0), 16, 1)['unet']
+  # The output conv's kernel starts at zero: its bias is the output, eps 0.3, v 5.
+  params['out_conv']['bias'] = jnp.array([0.3, 5.0])
+  x = jnp.zeros((2, 16, 16, 2))
+  t = jnp.array([3, 40])
+  clipped = sample.denoiser(setup.unet, setup.tables, 'eps', clip_variance=True)(params, x, t)
+  raw = sample.denoiser(setup.unet, setup.tables, 'eps', clip_variance=False)(params, x, t)
+  np.testing.assert_allclose(raw[..., 1], 5.0, rtol=1e-6)
+  np.testing.assert_allclose(clipped[..., 1], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(clipped[..., 0], raw[..., 0])
+  np.testing.assert_allclose(raw[..., 0], 0.3, rtol=1e-6)
+  # With v clipped to 1 the reverse variance is beta_t exactly (the top of the range).
+  out = gaussian.p_mean_variance(setup.tables, clipped, x[..., 1:], t, 'learned_range')
+  np.testing.assert_allclose(out['log_variance'][:, 0, 0, 0],
+                             np.log(np.asarray(setup.tables.betas)[[3, 40]]), rtol=1e-5)

@@ -47,7 +47,7 @@ def _fixed_batch(setup, batch_size, seed=0):
           'mask': jnp.asarray(np.stack(masks), jnp.float32)}
 
 
-def _fresh(setup, mesh):
+def _fresh(setup, mesh, microbatches=1):
   networks = build.build_networks(setup.unet, setup.latent)
   tx = state_lib.make_optimizer(setup.optimizer)
   init = loop.init_state_fn(setup, networks, tx)
@@ -58,7 +58,7 @@ def _fresh(setup, mesh):
       mesh, sharding, networks=networks, tables=setup.tables,
       objective_args=setup.objective, tx=tx,
       lr_fn=state_lib.learning_rate_schedule(setup.optimizer),
-      ema_rate=setup.loop.ema_rate)
+      ema_rate=setup.loop.ema_rate, microbatches=microbatches)
   return networks, state, step
 
 
@@ -144,6 +144,30 @@ def test_one_and_four_devices_agree(tfds_dir):
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_microbatches_give_the_same_updates(tfds_dir):
+  """Gradient accumulation over 2 micro-batches on 4 devices == one batch on 1 device."""
+  setup = from_config.train_setup(_config(tfds_dir))
+  batch = _fixed_batch(setup, 8, seed=2)
+  results = []
+  for devices, microbatches in ((jax.devices()[:1], 1), (jax.devices()[:4], 2)):
+    mesh = step_lib.make_mesh(devices)
+    _, state, step = _fresh(setup, mesh, microbatches)
+    sharded = jax.device_put(batch, step_lib.batch_sharding(mesh))
+    records = []
+    for _ in range(3):
+      state, metrics = step(state, sharded)
+      records.append([float(metrics[k]) for k in ('loss', 'mse', 'kl', 'grad_norm')])
+    results.append((np.array(records), jax.device_get(state.params)))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_microbatches_must_divide_the_batch(tfds_dir):
+  with pytest.raises(ValueError, match='microbatches'):
+    from_config.train_setup(_config(tfds_dir, batch_size=8, microbatches=3))
 
 
 def test_learning_rate_schedule():

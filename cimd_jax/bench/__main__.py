@@ -81,6 +81,8 @@ def main(argv):
   elif what == 'train':
     from cimd_jax.bench import train_bench  # pylint: disable=g-import-not-at-top
     batch = _BATCH.value or int(config.training.batch_size)
+    with config.unlocked():
+      config.training.batch_size = batch   # so training.microbatches is checked against it
     record = train_bench.bench_train(from_config.train_setup(config), batch,
                                      repeats=_REPEATS.value)
   else:

@@ -32,7 +32,7 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
   rows = b * n
 
   apply_fn = sample.denoiser(setup.unet, sample.sampling_tables(setup.betas, ''),
-                            setup.sampler.prediction)
+                            setup.sampler.prediction, setup.sampler.clip_variance)
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
       apply_fn, p, tables, img, keys, x, i, sampler=setup.sampler.sampler,

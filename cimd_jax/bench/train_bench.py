@@ -29,7 +29,7 @@ def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5) -> dict[st
       mesh, sharding, networks=networks, tables=setup.tables,
       objective_args=setup.objective, tx=tx,
       lr_fn=state_lib.learning_rate_schedule(setup.optimizer),
-      ema_rate=setup.loop.ema_rate)
+      ema_rate=setup.loop.ema_rate, microbatches=setup.loop.microbatches)
   compiled, compile_s, flops = common.compile_timed(jitted, state, data)
   holder = [state]
 
@@ -42,6 +42,7 @@ def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5) -> dict[st
       'what': 'train', 'batch': batch, 'median_s': median, 'times_s': times,
       'images_per_s': batch / median, 'flops_per_step': flops,
       'gflops_per_s': flops / median / 1e9, 'compile_s': compile_s,
-      'remat': setup.unet.remat, 'compute_dtype': setup.unet.dtype,
+      'remat': setup.unet.remat, 'microbatches': setup.loop.microbatches,
+      'compute_dtype': setup.unet.dtype,
       'peak_rss_mib': common.peak_rss_mib(), 'device_peak_mib': common.device_peak_mib(),
   }

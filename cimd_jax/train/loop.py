@@ -43,6 +43,12 @@ class LoopArgs:
   image_every: int = 0
   image_samples: int = 4
   image_sampler_steps: int = 50
+  microbatches: int = 1         # gradient accumulation chunks per step (memory bound)
+
+  def __post_init__(self):
+    if self.microbatches < 1 or self.batch_size % self.microbatches:
+      raise ValueError(f'training.microbatches={self.microbatches} must be >= 1 and divide '
+                       f'training.batch_size={self.batch_size}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +144,14 @@ def train_and_evaluate(setup: TrainSetup, workdir: str,
   if data_state:
     data_iter.set_state(data_state)
 
+  micro_batch = loop.batch_size // loop.microbatches
+  if micro_batch % jax.device_count():
+    raise ValueError(f'training.batch_size / training.microbatches = {micro_batch} must be a '
+                     f'multiple of the device count {jax.device_count()}')
   train_step = step_lib.jit_train_step(
       mesh, state_sharding, networks=networks, tables=setup.tables,
-      objective_args=setup.objective, tx=tx, lr_fn=lr_fn, ema_rate=loop.ema_rate)
+      objective_args=setup.objective, tx=tx, lr_fn=lr_fn, ema_rate=loop.ema_rate,
+      microbatches=loop.microbatches)
   sharding = step_lib.batch_sharding(mesh)
 
   is_chief = jax.process_index() == 0

@@ -49,20 +49,32 @@ class ObjectiveArgs:
 
 def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTables,
                batch: dict[str, jax.Array], rng: jax.Array, args: ObjectiveArgs,
-               train: bool = True) -> dict[str, jax.Array]:
+               train: bool = True,
+               example_ids: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-example loss terms `mse`, `vlb`, `kl` and their weighted sum `loss`, each [B].
 
   Args:
     params: {'unet', 'amn', 'acn'} parameter trees.
     batch: 'image' f32 [B, H, W, C] in [-1, 1], 'mask' f32 [B, H, W, 1] in {-1, +1}.
     rng: PRNG key for t, eps and dropout.
+    example_ids: int [B], each example's index in the global batch (default
+      0..B-1). Example i's t and eps come from `fold_in(rng, example_ids[i])`, so a
+      batch split into micro-batches draws the same t and eps as the whole batch.
   """
   image, mask = batch['image'], batch['mask']
   b = image.shape[0]
   assert image.ndim == 4 and mask.shape == image.shape[:3] + (1,), (image.shape, mask.shape)
+  if example_ids is None:
+    example_ids = jnp.arange(b)
+  assert example_ids.shape == (b,), (example_ids.shape, b)
   t_rng, noise_rng, dropout_rng = (jax.random.fold_in(rng, i) for i in range(3))
-  t = jax.random.randint(t_rng, (b,), 0, tables.num_timesteps)
-  noise = jax.random.normal(noise_rng, mask.shape, mask.dtype)
+  per_example = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, tables.num_timesteps))(
+      per_example(t_rng, example_ids))
+  noise = jax.vmap(lambda k: jax.random.normal(k, mask.shape[1:], mask.dtype))(
+      per_example(noise_rng, example_ids))
+  # Dropout masks cannot be drawn per example; a micro-batch gets its own stream.
+  dropout_rng = jax.random.fold_in(dropout_rng, example_ids[0])
   x_t = gaussian.q_sample(tables, mask, t, noise)
 
   model_in = jnp.concatenate([image, x_t], axis=-1)

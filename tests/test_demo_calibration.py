@@ -1,0 +1,60 @@
+"""A reduced demo learns the experts' disagreement: sampled frequencies of ambiguous
+structures track the experts' frequencies, and the same check rejects a model whose
+samples are all identical (the deterministic baseline)."""
+
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from cimd_jax import calibration
+from cimd_jax import demo
+from cimd_jax import from_config
+from cimd_jax import run_modes
+from cimd_jax import sample
+
+pytestmark = pytest.mark.slow
+
+# The README's demo (1500 steps, 64 images) reaches the issue's bound of 0.15 (0.093
+# measured); this reduced run (the same config stopped at 500 steps, 16 images;
+# 0.145 measured, deterministic baseline 0.289) is held to a looser one.
+REDUCED_STEPS = 500
+MAE_BOUND = 0.2
+NEVER_DRAWN_BOUND = 0.2
+
+
+@pytest.fixture(scope='module')
+def reduced_demo(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reduced_demo')
+  config = synthetic_config.get_config()
+  config.data.tfds_dir = str(workdir / 'tfds')
+  config.training.num_steps = REDUCED_STEPS
+  config.training.checkpoint_every = REDUCED_STEPS
+  config.training.image_every = 0
+  config.eval.max_images = 16
+  run_modes.train(config, str(workdir))
+  setup = from_config.sample_setup(config, 'evaluate')
+  results, _, _ = sample.evaluate_cases(setup, str(workdir))
+  return results
+
+
+def _calibration(results):
+  truth, sampled = [], []
+  for case, masks in results:
+    t, s = calibration.structure_frequencies(masks, case.extras['structures'],
+                                             case.extras['structure_probs'])
+    truth.append(t)
+    sampled.append(s)
+  return calibration.summarize(np.concatenate(truth), np.concatenate(sampled))
+
+
+def test_samples_reproduce_expert_frequencies(reduced_demo):
+  summary = _calibration(reduced_demo)
+  assert summary['num_ambiguous'] >= 10
+  assert summary['mae_ambiguous'] <= MAE_BOUND, summary
+  assert summary['mean_freq_never_drawn'] <= NEVER_DRAWN_BOUND, summary
+
+
+def test_identical_samples_fail_the_same_check(reduced_demo):
+  deterministic = [(case, demo.deterministic_baseline(masks)) for case, masks in reduced_demo]
+  summary = _calibration(deterministic)
+  assert summary['mae_ambiguous'] > MAE_BOUND, summary
