@@ -31,18 +31,46 @@ def test_model_bench_paper_config_with_override():
 
 
 @pytest.mark.slow
-def test_train_and_sample_bench_keys():
-  train = _bench('--config=configs/test.py', '--what=train', '--batch=4', '--repeats=5')
+def test_train_and_sample_bench_keys(tmp_path):
+  train = _bench('--config=configs/test.py', '--what=train', '--batch=4', '--repeats=5',
+                 '--config.training.microbatches=2', f'--profile={tmp_path}')
   for key in ('what', 'config', 'batch', 'median_s', 'images_per_s', 'gflops_per_s',
               'roofline_fraction', 'peak_rss_mib', 'compile_s', 'matmul_gflops_per_s'):
     assert key in train, key
   assert train['config'] == 'test' and train['batch'] == 4 and len(train['times_s']) == 5
   assert 0 < train['roofline_fraction'] < 2
+  assert train['microbatches'] == 2
+  # The profile names the XLA ops: a UNet step spends its time in convolutions and
+  # fusions, and every op's time is part of the total.
+  profile = train['profile']
+  assert profile['calls'] == 2 and os.path.exists(profile['trace'])
+  assert profile['total_ms'] > 0
+  kinds = [kind for kind, _, _ in profile['by_kind']]
+  assert any('conv' in k or 'fusion' in k for k in kinds), kinds
+  assert sum(share for _, _, share in profile['by_kind']) <= 1 + 1e-9
   sample = _bench('--config=configs/test.py', '--what=sample', '--config.sampling.num_samples=16')
   for key in ('what', 'config', 'sampler', 'steps', 'num_samples', 'step_median_s',
               'ensemble_s'):
     assert key in sample, key
   assert sample['num_samples'] == 16 and sample['steps'] == 10 and sample['ensemble_measured']
+
+
+def test_top_ops_sums_xla_events_and_drops_framework_events():
+  from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
+  events = [
+      {'ph': 'X', 'name': 'convolution.1', 'dur': 3000.0},
+      {'ph': 'X', 'name': 'convolution.2', 'dur': 1000.0},
+      {'ph': 'X', 'name': 'convolution.1', 'dur': 2000.0},
+      {'ph': 'X', 'name': 'fusion.12', 'dur': 4000.0},
+      {'ph': 'X', 'name': '$profiler.py:307 trace', 'dur': 1e9},
+      {'ph': 'X', 'name': 'PjitFunction(step)', 'dur': 1e9},
+      {'ph': 'i', 'name': 'fusion.12', 'dur': 5e6},
+  ]
+  report = profile.top_ops(events)
+  assert report['total_ms'] == 10.0
+  assert report['by_kind'] == [('convolution', 6.0, 0.6), ('fusion', 4.0, 0.4)]
+  assert report['top_ops'][0] == ('convolution.1', 5.0, 2)
+  assert profile.op_kind('ynn_fusion.1.2') == 'ynn_fusion'
 
 
 def test_metrics_bench_reports_speedup():

@@ -29,6 +29,9 @@ _ENSEMBLE = flags.DEFINE_enum(
     'ensemble', 'auto', ['auto', 'measure', 'estimate'],
     'sample: time a whole ensemble (measure), or step time x steps (estimate); auto '
     'measures when the estimate is under 10 minutes.')
+_PROFILE = flags.DEFINE_string(
+    'profile', '', 'train: also trace two steps with jax.profiler into this folder and '
+    'print the XLA ops that took the most time.')
 _CACHE = flags.DEFINE_bool('compilation_cache', False,
                            'Use the persistent compilation cache (off: honest compile_s).')
 
@@ -84,7 +87,10 @@ def main(argv):
     with config.unlocked():
       config.training.batch_size = batch   # so training.microbatches is checked against it
     record = train_bench.bench_train(from_config.train_setup(config), batch,
-                                     repeats=_REPEATS.value)
+                                     repeats=_REPEATS.value, profile_dir=_PROFILE.value)
+    if 'profile' in record and not _JSON.value:
+      from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
+      print(profile.format_report(record.pop('profile')), flush=True)
   else:
     from cimd_jax.bench import sample_bench  # pylint: disable=g-import-not-at-top
     record = sample_bench.bench_sample(

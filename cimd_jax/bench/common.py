@@ -47,6 +47,21 @@ def flops_of(compiled: Any) -> float:
   return float((cost or {}).get('flops', 0.0))
 
 
+def planned_memory_mib(compiled: Any) -> dict[str, float]:
+  """XLA's buffer plan for one call, MiB: arguments, outputs, temporaries (activations
+  and scratch), and aliased (donated) bytes; empty where the backend does not say."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if stats is None:
+    return {}
+  fields = {'argument': 'argument_size_in_bytes', 'output': 'output_size_in_bytes',
+            'temp': 'temp_size_in_bytes', 'alias': 'alias_size_in_bytes'}
+  return {f'xla_{k}_mib': getattr(stats, v) / 2**20 for k, v in fields.items()
+          if getattr(stats, v, None) is not None}
+
+
 def peak_rss_mib() -> float:
   """Peak resident set size of this process so far, MiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -12,9 +12,11 @@ from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
 
 
-def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5) -> dict[str, Any]:
+def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5,
+                profile_dir: str = '') -> dict[str, Any]:
   """Median seconds per train step at global batch `batch`, compile time apart, XLA
-  FLOPs per step, achieved GFLOP/s and peak memory."""
+  FLOPs per step, achieved GFLOP/s and peak memory; with `profile_dir`, also the top
+  XLA ops of two further steps (bench.profile) under 'profile'."""
   mesh = step_lib.make_mesh()
   networks = build.build_networks(setup.unet, setup.latent)
   tx = state_lib.make_optimizer(setup.optimizer)
@@ -38,11 +40,17 @@ def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5) -> dict[st
     return metrics['loss']
 
   median, times = common.time_calls(one_step, repeats=repeats, warmup=1)
-  return {
+  extra = {}
+  if profile_dir:
+    from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
+    extra['profile'] = profile.profile_calls(lambda: jax.block_until_ready(one_step()),
+                                             profile_dir)
+  return {**extra,
       'what': 'train', 'batch': batch, 'median_s': median, 'times_s': times,
       'images_per_s': batch / median, 'flops_per_step': flops,
       'gflops_per_s': flops / median / 1e9, 'compile_s': compile_s,
       'remat': setup.unet.remat, 'microbatches': setup.loop.microbatches,
       'compute_dtype': setup.unet.dtype,
+      **common.planned_memory_mib(compiled),
       'peak_rss_mib': common.peak_rss_mib(), 'device_peak_mib': common.device_peak_mib(),
   }
