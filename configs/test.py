@@ -29,6 +29,7 @@ def get_config():
   config.training.image_every = 0
   config.training.image_samples = 2
   config.training.image_sampler_steps = 5
+  config.sampling.sampler = 'ddpm'
   config.sampling.steps = '10'
   config.sampling.num_samples = 4
   config.sampling.max_batch = 16
