@@ -32,7 +32,11 @@ def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5,
       objective_args=setup.objective, tx=tx,
       lr_fn=state_lib.learning_rate_schedule(setup.optimizer),
       ema_rate=setup.loop.ema_rate, microbatches=setup.loop.microbatches)
-  compiled, compile_s, flops = common.compile_timed(jitted, state, data)
+  if isinstance(jitted, step_lib.MicrobatchedTrainStep):
+    compile_s, flops = jitted.compile_timed(state, data)
+    compiled = jitted
+  else:
+    compiled, compile_s, flops = common.compile_timed(jitted, state, data)
   holder = [state]
 
   def one_step():

@@ -43,36 +43,29 @@ def tree_norm(tree: Any) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, networks: Networks,
-               tables: DiffusionTables, objective_args: objective.ObjectiveArgs,
-               tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
-               ema_rate: float, microbatches: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update of all three networks on `batch` (global, sharded).
+def batch_gradients(state: TrainState, batch: dict[str, jax.Array],
+                    example_ids: jax.Array, *, networks: Networks, tables: DiffusionTables,
+                    objective_args: objective.ObjectiveArgs) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradients of the mean loss over `batch` w.r.t. all params, and the mean terms.
 
-  With `microbatches = k > 1` the gradient of the batch mean is accumulated over k
-  equal micro-batches in a `lax.scan` (rows i, i+k, i+2k, ... form micro-batch i, so
-  each device keeps its own rows), which bounds activation memory by one micro-batch.
-  Every example draws the same t and eps as with k = 1, so the update is the same up
-  to float rounding (dropout aside).
-
-  Returns the new state and scalar metrics: loss, mse, vlb, kl (batch means),
-  grad_norm, param_norm, learning_rate, finite (1.0 when the loss is finite).
+  `example_ids` int [B]: each example's index in the global batch (its t and eps come
+  from `fold_in(step key, id)`); the step key is `fold_in(state.rng, state.step)`.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
-  def loss_fn(params, chunk, example_ids):
-    terms = objective.loss_terms(params, networks, tables, chunk, step_rng,
+  def loss_fn(params):
+    terms = objective.loss_terms(params, networks, tables, batch, step_rng,
                                  objective_args, train=True, example_ids=example_ids)
     means = {k: jnp.mean(v) for k, v in terms.items()}
     return means['loss'], means
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-  global_batch = batch['image'].shape[0]
-  if microbatches == 1:
-    grads, means = grad_fn(state.params, batch, jnp.arange(global_batch))
-  else:
-    grads, means = _accumulated_grads(grad_fn, state.params, batch, microbatches)
+  return jax.grad(loss_fn, has_aux=True)(state.params)
+
+
+def apply_gradients(state: TrainState, grads: Any, means: dict[str, jax.Array], *,
+                    tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
+                    ema_rate: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer and EMA update from `grads`; returns (new state, scalar metrics)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
@@ -89,37 +82,110 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, networks: Netw
   return new_state, metrics
 
 
-def _accumulated_grads(grad_fn: Callable[..., Any], params: Any,
-                       batch: dict[str, jax.Array], microbatches: int) -> tuple[Any, Any]:
-  """Mean of `grad_fn` over `microbatches` equal slices of `batch` ([B, ...] leaves)."""
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, networks: Networks,
+               tables: DiffusionTables, objective_args: objective.ObjectiveArgs,
+               tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
+               ema_rate: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update of all three networks on `batch` (global, sharded).
+
+  Returns the new state and scalar metrics: loss, mse, vlb, kl (batch means),
+  grad_norm, param_norm, learning_rate, finite (1.0 when the loss is finite).
+  """
   global_batch = batch['image'].shape[0]
-  if global_batch % microbatches:
-    raise ValueError(f'batch {global_batch} is not divisible into {microbatches} micro-batches')
-  size = global_batch // microbatches
-  # [B, ...] -> [size, k, ...] -> [k, size, ...]: micro-batch i holds rows a*k + i.
-  chunks = jax.tree.map(
-      lambda x: jnp.swapaxes(x.reshape((size, microbatches) + x.shape[1:]), 0, 1), batch)
-
-  def accumulate(total, i_chunk):
-    i, chunk = i_chunk
-    grads, means = grad_fn(params, chunk, jnp.arange(size) * microbatches + i)
-    return jax.tree.map(jnp.add, total, (grads, means)), None
-
-  first = jax.tree.map(lambda x: x[0], chunks)
-  shapes = jax.eval_shape(grad_fn, params, first, jnp.arange(size))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), chunks))
-  return jax.tree.map(lambda x: x / microbatches, total)
+  grads, means = batch_gradients(state, batch, jnp.arange(global_batch), networks=networks,
+                                 tables=tables, objective_args=objective_args)
+  return apply_gradients(state, grads, means, tx=tx, lr_fn=lr_fn, ema_rate=ema_rate)
 
 
-def jit_train_step(mesh: Mesh, state_sharding: Any, **step_kwargs
+class MicrobatchedTrainStep:
+  """`train_step` with the gradient accumulated over k equal micro-batches.
+
+  Rows i, i+k, i+2k, ... form micro-batch i (so each device keeps its own rows);
+  every example draws the same t and eps as in the whole batch, so the update equals
+  `train_step`'s up to float rounding (dropout aside). Activation memory is that of
+  one micro-batch. Each micro-batch is its own jitted call (gradients accumulated in
+  a donated buffer), then one jitted update: inside a `lax.scan` XLA:CPU does not use
+  its fast convolution kernels (a scanned step was 18x slower, config B batch 20), and
+  an unrolled loop in one program kept every micro-batch's activations alive.
+  Called like the jitted `train_step`: `(state, batch) -> (state, metrics)`.
+  """
+
+  def __init__(self, mesh: Mesh, state_sharding: Any, microbatches: int, *,
+               networks: Networks, tables: DiffusionTables,
+               objective_args: objective.ObjectiveArgs, tx: optax.GradientTransformation,
+               lr_fn: Callable[[Any], Any], ema_rate: float):
+    self.microbatches = microbatches
+    k = microbatches
+    grads_fn = functools.partial(batch_gradients, networks=networks, tables=tables,
+                                 objective_args=objective_args)
+    data, rep = batch_sharding(mesh), replicated(mesh)
+
+    def take(batch, i):
+      return jax.tree.map(
+          lambda x: jnp.take(x.reshape((x.shape[0] // k, k) + x.shape[1:]), i, axis=1), batch)
+
+    def accumulate(state, total, chunk, i):
+      size = chunk['image'].shape[0]
+      grads, means = grads_fn(state, chunk, jnp.arange(size) * k + i)
+      return jax.tree.map(lambda a, b: a + b / k, total, (grads, means))
+
+    def zeros(state, chunk):
+      shapes = jax.eval_shape(grads_fn, state, chunk, jnp.arange(chunk['image'].shape[0]))
+      return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def update(state, total):
+      return apply_gradients(state, *total, tx=tx, lr_fn=lr_fn, ema_rate=ema_rate)
+
+    self._take = jax.jit(take, in_shardings=(data, None), out_shardings=data)
+    self._zeros = jax.jit(zeros, out_shardings=rep)
+    self._accumulate = jax.jit(accumulate, in_shardings=(state_sharding, rep, data, None),
+                               out_shardings=rep, donate_argnums=(1,))
+    self._update = jax.jit(update, in_shardings=(state_sharding, rep),
+                           out_shardings=(state_sharding, rep), donate_argnums=(0, 1))
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    global_batch = batch['image'].shape[0]
+    if global_batch % self.microbatches:
+      raise ValueError(f'batch {global_batch} is not divisible into '
+                       f'{self.microbatches} micro-batches')
+    total = None
+    for i in range(self.microbatches):
+      index = jnp.asarray(i, jnp.int32)
+      chunk = self._take(batch, index)
+      if total is None:
+        total = self._zeros(state, chunk)
+      total = self._accumulate(state, total, chunk, index)
+    return self._update(state, total)
+
+  def compile_timed(self, state: TrainState, batch: dict[str, jax.Array]
+                    ) -> tuple[float, float]:
+    """(compile seconds, XLA flops of one whole step) of the parts, for benchmarks."""
+    import time  # pylint: disable=g-import-not-at-top
+    t = time.perf_counter()
+    index = jnp.asarray(0, jnp.int32)
+    chunk = jax.eval_shape(self._take, batch, index)
+    total = jax.eval_shape(self._zeros, state, chunk)
+    flops = 0.0
+    for fn, args, times in ((self._accumulate, (state, total, chunk, index), self.microbatches),
+                            (self._update, (state, total), 1)):
+      cost = fn.lower(*args).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+      flops += times * float((cost or {}).get('flops', 0.0))
+    return time.perf_counter() - t, flops
+
+
+def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **step_kwargs
                    ) -> Callable[[TrainState, dict[str, jax.Array]],
                                  tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step` jitted once with explicit shardings and the state donated.
 
   `state_sharding` is a pytree of shardings matching the TrainState (usually all
   replicated); batch leaves are sharded along 'data'; metrics come back replicated.
+  With `microbatches > 1`, a `MicrobatchedTrainStep` (same call, same update).
   """
+  if microbatches > 1:
+    return MicrobatchedTrainStep(mesh, state_sharding, microbatches, **step_kwargs)
   fn = functools.partial(train_step, **step_kwargs)
   return jax.jit(
       fn,
