@@ -12,4 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-LIDC_SAMPLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'lidc_sample')
+# The real-data sample: $CIMD_LIDC_SAMPLE, else ../shared/data/lidc_sample next to the
+# repository; tests that need it skip when it is absent.
+LIDC_SAMPLE = os.environ.get('CIMD_LIDC_SAMPLE') or os.path.join(
+    os.path.dirname(ROOT), 'shared', 'data', 'lidc_sample')

@@ -3,8 +3,8 @@
 Per example (Rahman et al., CVPR 2023, eq. 8; improved DDPM for the hybrid loss):
   * t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t = q_sample(x_b, t, eps)
   * the UNet sees concat(b, x_t) and predicts (eps_hat, v) -- or (x0_hat, v) with
-    `prediction='x0'`, an option of improved DDPM that is steadier for binary masks
-    at high noise; eps_hat is then derived from x0_hat
+    `prediction='x0'` (an option of improved DDPM; the synthetic demo uses it, see
+    docs/samplers.md); eps_hat is then derived from x0_hat
   * L_simple = mean over pixels of (eps - eps_hat)^2 (or of (x_b - x0_hat)^2)
   * L_vlb    = T * L_t (bits/dim) with the predicted mean detached, so it trains only
                the variance (the unbiased single-sample estimate of the full VLB; with

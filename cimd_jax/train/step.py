@@ -141,7 +141,7 @@ class MicrobatchedTrainStep:
     self._accumulate = jax.jit(accumulate, in_shardings=(state_sharding, rep, data, None),
                                out_shardings=rep, donate_argnums=(1,))
     self._update = jax.jit(update, in_shardings=(state_sharding, rep),
-                           out_shardings=(state_sharding, rep), donate_argnums=(0, 1))
+                           out_shardings=(state_sharding, rep), donate_argnums=(0,))
 
   def __call__(self, state: TrainState, batch: dict[str, jax.Array]
                ) -> tuple[TrainState, dict[str, jax.Array]]:
