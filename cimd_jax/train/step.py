@@ -6,6 +6,7 @@ XLA inserts the gradient all-reduce (GSPMD); there is no pmap.
 """
 
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -161,7 +162,6 @@ class MicrobatchedTrainStep:
   def compile_timed(self, state: TrainState, batch: dict[str, jax.Array]
                     ) -> tuple[float, float]:
     """(compile seconds, XLA flops of one whole step) of the parts, for benchmarks."""
-    import time  # pylint: disable=g-import-not-at-top
     t = time.perf_counter()
     index = jnp.asarray(0, jnp.int32)
     chunk = jax.eval_shape(self._take, batch, index)
