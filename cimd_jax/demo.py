@@ -50,7 +50,10 @@ def _score(gts: list[np.ndarray], preds: list[np.ndarray]) -> dict[str, dict[str
   return _summary({k: np.asarray(per_image[k]) for k in sample.METRIC_KEYS})
 
 
-def _calibration(cases_masks: list[tuple[Any, np.ndarray]]) -> tuple[dict, np.ndarray, np.ndarray]:
+def calibration_summary(cases_masks: list[tuple[Any, np.ndarray]]
+                        ) -> tuple[dict, np.ndarray, np.ndarray]:
+  """(calibration.summarize dict, truth [S], sampled [S]) over every structure of every
+  case; empty when the cases carry no structure truth (real data)."""
   truth, sampled = [], []
   for case, masks in cases_masks:
     extras = case.extras or {}
@@ -86,13 +89,13 @@ def build_report(results: list[tuple[Any, np.ndarray]], model_metrics: dict[str,
   oracle = oracle_draws(data_args, split, len(results), num_samples, seed + 1)
   if oracle is not None:
     report['oracle'] = _score(gts, oracle)
-  cal, truth, sampled = _calibration(results)
+  cal, truth, sampled = calibration_summary(results)
   if cal:
     report['calibration'] = {'model': cal}
-    _, _, det = _calibration([(c, deterministic_baseline(m)) for c, m in results])
+    _, _, det = calibration_summary([(c, deterministic_baseline(m)) for c, m in results])
     report['calibration']['deterministic'] = calibration.summarize(truth, det)
     if oracle is not None:
-      _, _, orc = _calibration([(c, o) for (c, _), o in zip(results, oracle)])
+      _, _, orc = calibration_summary([(c, o) for (c, _), o in zip(results, oracle)])
       report['calibration']['oracle'] = calibration.summarize(truth, orc)
   return report, truth, sampled
 

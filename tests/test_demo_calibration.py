@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
-from cimd_jax import calibration
 from cimd_jax import demo
 from cimd_jax import from_config
 from cimd_jax import run_modes
@@ -38,13 +37,7 @@ def reduced_demo(tmp_path_factory):
 
 
 def _calibration(results):
-  truth, sampled = [], []
-  for case, masks in results:
-    t, s = calibration.structure_frequencies(masks, case.extras['structures'],
-                                             case.extras['structure_probs'])
-    truth.append(t)
-    sampled.append(s)
-  return calibration.summarize(np.concatenate(truth), np.concatenate(sampled))
+  return demo.calibration_summary(results)[0]
 
 
 def test_samples_reproduce_expert_frequencies(reduced_demo):

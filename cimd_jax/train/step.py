@@ -6,7 +6,6 @@ XLA inserts the gradient all-reduce (GSPMD); there is no pmap.
 """
 
 import functools
-import time
 from typing import Any, Callable
 
 import jax
@@ -137,6 +136,7 @@ class MicrobatchedTrainStep:
     def update(state, total):
       return apply_gradients(state, *total, tx=tx, lr_fn=lr_fn, ema_rate=ema_rate)
 
+    self._indices = [jnp.asarray(i, jnp.int32) for i in range(k)]  # made once, not per step
     self._take = jax.jit(take, in_shardings=(data, None), out_shardings=data)
     self._zeros = jax.jit(zeros, out_shardings=rep)
     self._accumulate = jax.jit(accumulate, in_shardings=(state_sharding, rep, data, None),
@@ -151,28 +151,22 @@ class MicrobatchedTrainStep:
       raise ValueError(f'batch {global_batch} is not divisible into '
                        f'{self.microbatches} micro-batches')
     total = None
-    for i in range(self.microbatches):
-      index = jnp.asarray(i, jnp.int32)
+    for index in self._indices:
       chunk = self._take(batch, index)
       if total is None:
         total = self._zeros(state, chunk)
       total = self._accumulate(state, total, chunk, index)
     return self._update(state, total)
 
-  def compile_timed(self, state: TrainState, batch: dict[str, jax.Array]
-                    ) -> tuple[float, float]:
-    """(compile seconds, XLA flops of one whole step) of the parts, for benchmarks."""
-    t = time.perf_counter()
+  def programs(self, state: TrainState, batch: dict[str, jax.Array]
+               ) -> list[tuple[Any, tuple[Any, ...], int]]:
+    """(jitted function, abstract arguments, calls per step) of the two programs of a
+    step: the per-micro-batch accumulation and the update (for benchmarks)."""
     index = jnp.asarray(0, jnp.int32)
     chunk = jax.eval_shape(self._take, batch, index)
     total = jax.eval_shape(self._zeros, state, chunk)
-    flops = 0.0
-    for fn, args, times in ((self._accumulate, (state, total, chunk, index), self.microbatches),
-                            (self._update, (state, total), 1)):
-      cost = fn.lower(*args).compile().cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-      flops += times * float((cost or {}).get('flops', 0.0))
-    return time.perf_counter() - t, flops
+    return [(self._accumulate, (state, total, chunk, index), self.microbatches),
+            (self._update, (state, total), 1)]
 
 
 def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **step_kwargs
