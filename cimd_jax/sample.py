@@ -162,17 +162,18 @@ def denoiser(unet_args: build.UNetArgs, train_tables: schedule.DiffusionTables,
   return apply_fn
 
 
-def make_ensemble_fn(unet_args: build.UNetArgs, tables: schedule.DiffusionTables,
-                     sampler: SamplerArgs, num_samples: int,
-                     train_tables: schedule.DiffusionTables
+def make_ensemble_fn(unet_args: build.UNetArgs, betas: np.ndarray, sampler: SamplerArgs,
+                     num_samples: int
                      ) -> Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]:
   """(params, images [B, H, W, C], key, first_image_index) -> masks bool [B, N, H, W].
 
-  `tables` are the sampler's (possibly respaced) steps, `train_tables` the training
-  process's T steps. Image b's masks depend only on (key, first_image_index + b),
+  `betas` [T] is the training schedule; the sampler's (possibly respaced) steps come
+  from `sampler.steps`. Image b's masks depend only on (key, first_image_index + b),
   not on how images are grouped into calls.
   """
-  apply_fn = denoiser(unet_args, train_tables, sampler.prediction, sampler.clip_variance)
+  tables = sampling_tables(betas, sampler.steps, sampler.sampler)
+  apply_fn = denoiser(unet_args, schedule.make_tables(betas), sampler.prediction,
+                      sampler.clip_variance)
 
   def draw(params, images, key, first_image_index):
     x0 = samplers.sample_ensemble(
@@ -331,9 +332,7 @@ class SampleSetup:
 
 def _prepare(setup: SampleSetup, workdir: str):
   params, step = restore_unet_params(workdir, setup.unet, setup.restore)
-  tables = sampling_tables(setup.betas, setup.sampler.steps, setup.sampler.sampler)
-  draw = make_ensemble_fn(setup.unet, tables, setup.sampler, setup.num_samples,
-                          schedule.make_tables(setup.betas))
+  draw = make_ensemble_fn(setup.unet, setup.betas, setup.sampler, setup.num_samples)
   key = jax.random.PRNGKey(setup.seed)
   manifest = {'checkpoint_step': step, 'use_ema': setup.restore.use_ema,
               **setup.sampler.describe(len(setup.betas)), 'num_samples': setup.num_samples,

@@ -11,6 +11,7 @@ import numpy as np
 from cimd_jax import sample
 from cimd_jax.bench import common
 from cimd_jax.diffusion import samplers
+from cimd_jax.diffusion import schedule
 from cimd_jax.models import build
 
 
@@ -31,7 +32,7 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
   n, b = setup.num_samples, num_images
   rows = b * n
 
-  apply_fn = sample.denoiser(setup.unet, sample.sampling_tables(setup.betas, ''),
+  apply_fn = sample.denoiser(setup.unet, schedule.make_tables(setup.betas),
                             setup.sampler.prediction, setup.sampler.clip_variance)
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
@@ -57,8 +58,7 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
                                       step_median * num_steps <= max_ensemble_s)
   if measure:
     images = np.asarray(rng.uniform(-1, 1, (b, size, size, channels)), np.float32)
-    draw = sample.make_ensemble_fn(setup.unet, tables, setup.sampler, n,
-                                   sample.sampling_tables(setup.betas, ''))
+    draw = sample.make_ensemble_fn(setup.unet, setup.betas, setup.sampler, n)
     t = time.perf_counter()
     draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
     first = time.perf_counter() - t

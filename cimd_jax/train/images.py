@@ -23,11 +23,9 @@ def make_image_summary_fn(data_args: Any, unet_args: build.UNetArgs, betas: np.n
   from cimd_jax import sample  # pylint: disable=g-import-not-at-top
   from cimd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   steps = str(max(min(sampler_steps, len(betas)), 1))  # evenly respaced, any count
-  tables = sample.sampling_tables(betas, steps, 'ddim')
   sampler = sample.SamplerArgs(sampler='ddim', steps=steps, eta=0.0, variance=variance,
                                max_batch=num_cases * num_samples, prediction=prediction)
-  draw = sample.make_ensemble_fn(unet_args, tables, sampler, num_samples,
-                                 sample.sampling_tables(betas, ''))
+  draw = sample.make_ensemble_fn(unet_args, betas, sampler, num_samples)
   cases: list = []
 
   def summary(params: Any, step: int) -> dict[str, np.ndarray]:
