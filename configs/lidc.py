@@ -7,11 +7,11 @@ image; here `data.image_channels` is 1 (pass --config.data.image_channels=4 for 
 official model's 5 input channels and exact parameter parity).
 """
 
-from configs import default
+from cimd_jax import settings
 
 
 def get_config():
-  config = default.get_config()
+  config = settings.default_config()
   config.data.name = 'folder'
   config.data.source_dir = '../shared/data/lidc_sample'
   config.data.image_size = 128

@@ -1,14 +1,16 @@
 """CPU-sized demo on the built-in synthetic ambiguous dataset (the README's main job)."""
 
-from configs import default
+from cimd_jax import settings
 
 
 def get_config():
-  config = default.get_config()
+  config = settings.default_config()
   config.data.name = 'synthetic'
   config.data.image_size = 32
   config.data.image_channels = 1
   config.data.num_annotators = 4
+  # A separately generated validation split (20 cases) for validation while training.
+  config.data.validation_fraction = 0.01
   config.model.num_channels = 32
   config.model.channel_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
@@ -30,7 +32,9 @@ def get_config():
   config.training.ema_rate = 0.995
   config.training.checkpoint_every = 500
   config.training.log_every = 50
-  config.training.image_every = 1000
+  config.training.eval_every = 500
+  config.training.eval_images = 16
+  config.training.eval_samples = 8
   # Sampler: the default (DDIM-25), chosen on this config's checkpoint (docs/samplers.md).
-  config.eval.num_samples = 16
+  config.sampling.num_samples = 16
   return config

@@ -1,10 +1,10 @@
 """Tiny configuration for CPU tests: 16 px, 8 channels, a few hundred parameters' worth."""
 
-from configs import default
+from cimd_jax import settings
 
 
 def get_config():
-  config = default.get_config()
+  config = settings.default_config()
   config.data.name = 'synthetic'
   config.data.image_size = 16
   config.data.image_channels = 1
@@ -26,13 +26,11 @@ def get_config():
   config.training.checkpoint_every = 2
   config.training.keep_checkpoints = 2
   config.training.log_every = 1
-  config.training.image_every = 0
-  config.training.image_samples = 2
-  config.training.image_sampler_steps = 5
+  config.training.eval_images = 2
+  config.training.eval_samples = 2
   config.sampling.sampler = 'ddpm'
   config.sampling.steps = '10'
   config.sampling.num_samples = 4
   config.sampling.max_batch = 16
-  config.eval.num_samples = 4
-  config.eval.batch_images = 2
+  config.sampling.images_per_call = 2
   return config

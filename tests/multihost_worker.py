@@ -24,19 +24,14 @@ def main(argv):
     runtime.initialize_distributed(True, coordinator, num_processes, process_id)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
-  from cimd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
 
-  config = test_config.get_config()
-  config.data.tfds_dir = tfds_dir
-  config.training.num_steps = int(num_steps)
-  config.training.batch_size = 8
-  config.training.log_every = 1
-  config.training.checkpoint_every = int(num_steps)
+  settings = helpers.settings(tfds_dir, training__num_steps=int(num_steps),
+                              training__batch_size=8, training__log_every=1,
+                              training__checkpoint_every=int(num_steps))
   losses = {}
-  state = loop.train_and_evaluate(from_config.train_setup(config), workdir,
-                                  on_log=lambda step, s: losses.update({step: s['loss']}))
+  state = helpers.train_loop(settings, workdir,
+                             on_log=lambda step, s: losses.update({step: s['loss']}))
   # Parameters are replicated: every process holds a full copy on its devices.
   params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
   flat = {jax.tree_util.keystr(p): v

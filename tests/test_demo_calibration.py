@@ -5,11 +5,11 @@ samples are all identical (the deterministic baseline)."""
 import numpy as np
 import pytest
 
+from cimd_jax import settings as settings_lib
+from cimd_jax.apps import demo
+from cimd_jax.apps import modes
+from cimd_jax.apps import sampling
 from configs import synthetic as synthetic_config
-from cimd_jax import demo
-from cimd_jax import from_config
-from cimd_jax import run_modes
-from cimd_jax import sample
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,11 @@ def reduced_demo(tmp_path_factory):
   config.data.tfds_dir = str(workdir / 'tfds')
   config.training.num_steps = REDUCED_STEPS
   config.training.checkpoint_every = REDUCED_STEPS
-  config.training.image_every = 0
-  config.eval.max_images = 16
-  run_modes.train(config, str(workdir))
-  setup = from_config.sample_setup(config, 'evaluate')
-  results, _, _ = sample.evaluate_cases(setup, str(workdir))
+  config.training.eval_every = 0
+  config.sampling.max_images = 16
+  s = settings_lib.from_config(config)
+  modes.train(s, str(workdir), set())
+  results, _, _ = sampling.evaluate_cases(s, str(workdir), set())
   return results
 
 

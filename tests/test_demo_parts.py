@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cimd_jax import calibration
-from cimd_jax import compare_samplers
-from cimd_jax import demo
+from cimd_jax.apps import compare_samplers
+from cimd_jax.apps import demo
+from cimd_jax.evaluation import calibration
 
 
 def test_included_counts_half_coverage():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import test as test_config
-from cimd_jax import run_modes
+from cimd_jax.apps import sampling
+from tests import helpers
 from tests.conftest import LIDC_SAMPLE
 
 pytestmark = [
@@ -21,22 +21,15 @@ pytestmark = [
 
 
 def test_train_and_evaluate_on_lidc_sample(tmp_path):
-  config = test_config.get_config()
-  config.data.name = 'folder'
-  config.data.source_dir = LIDC_SAMPLE
-  config.data.image_size = 128
-  config.data.num_annotators = 4
-  config.data.tfds_dir = str(tmp_path / 'tfds')
-  config.model.channel_mult = (1, 2, 2)
-  config.model.attention_resolutions = (32,)
-  config.training.num_steps = 3
-  config.training.checkpoint_every = 3
-  config.sampling.steps = '4'
-  config.eval.num_samples = 4
-  config.eval.batch_images = 3
+  s = helpers.settings(
+      tmp_path / 'tfds', data__name='folder', data__source_dir=LIDC_SAMPLE,
+      data__image_size=128, data__num_annotators=4, model__channel_mult=(1, 2, 2),
+      model__attention_resolutions=(32,), training__num_steps=3,
+      training__checkpoint_every=3, sampling__steps='4', sampling__num_samples=4,
+      sampling__images_per_call=3)
   workdir = tmp_path / 'run'
-  run_modes.train(config, str(workdir))
-  result = run_modes.evaluate(config, str(workdir))
+  helpers.train_mode(s, workdir)
+  result = sampling.evaluate_cases(s, str(workdir), set())[1]
 
   assert result['num_images'] == 9 and result['num_samples'] == 4
   for key in ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou'):

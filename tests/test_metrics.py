@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cimd_jax import metrics
-from cimd_jax import metrics_reference as reference
+from tests import metrics_reference as reference
 
 KEYS = metrics.METRIC_KEYS
 ATOL = 1e-6

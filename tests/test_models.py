@@ -1,8 +1,8 @@
 """UNet / AMN / ACN: parameter-count parity with the official PyTorch model, forward
 cost, shapes, initialisation, attention placement, KL, and speed of a tiny config."""
 
+import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,29 +14,45 @@ from cimd_jax.models import build
 from cimd_jax.models import latent
 from cimd_jax.models import unet as unet_lib
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """A model config with the image shape it is built for."""
+  model: build.ModelArgs
+  image_size: int
+  image_channels: int
+
+  def replace(self, **model_changes) -> 'Arch':
+    return Arch(dataclasses.replace(self.model, **model_changes), self.image_size,
+                self.image_channels)
+
+
 # Paper's config (PERF.md config A) and the small config B, 4 image channels.
-CONFIG_A = build.UNetArgs(image_size=128, image_channels=4, num_channels=128,
-                          channel_mult=(1, 1, 2, 3, 4), num_res_blocks=2,
-                          attention_resolutions=(16,), num_heads=1, learn_sigma=True)
-CONFIG_B = build.UNetArgs(image_size=64, image_channels=4, num_channels=32,
-                          channel_mult=(1, 2, 2, 4), num_res_blocks=1,
-                          attention_resolutions=(16,))
-LATENT = build.LatentArgs(input_channels=2, filters=(32, 64, 128, 192), convs_per_block=3,
-                          latent_dim=6)
-TINY = build.UNetArgs(image_size=16, image_channels=1, num_channels=8, channel_mult=(1, 2),
-                      num_res_blocks=1, attention_resolutions=(8,))
-TINY_LATENT = build.LatentArgs(input_channels=2, filters=(8, 16), convs_per_block=2,
-                               latent_dim=3)
+CONFIG_A = Arch(build.ModelArgs(num_channels=128, channel_mult=(1, 1, 2, 3, 4),
+                                num_res_blocks=2, attention_resolutions=(16,), num_heads=1,
+                                learn_sigma=True), 128, 4)
+CONFIG_B = Arch(build.ModelArgs(num_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+                                attention_resolutions=(16,)), 64, 4)
+# AMN/ACN over a 1-channel image + mask (2 input channels).
+LATENT = Arch(build.ModelArgs(latent_filters=(32, 64, 128, 192), latent_convs_per_block=3,
+                              latent_dim=6), 128, 1)
+TINY = Arch(build.ModelArgs(num_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(8,), latent_filters=(8, 16),
+                            latent_convs_per_block=2, latent_dim=3), 16, 1)
 
 
-def _unet_shapes(args: build.UNetArgs):
-  unet = build.build_unet(args)
-  x = jnp.zeros((1, args.image_size, args.image_size, args.image_channels + 1))
-  return jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x,
-                                          jnp.zeros((1,), jnp.int32)))['params']
+def _unet(arch: Arch):
+  return build.build_unet(arch.model, arch.image_size)
 
 
-def _inputs(args: build.UNetArgs, batch: int = 2, seed: int = 0):
+def _networks(arch: Arch):
+  return build.build_networks(arch.model, arch.image_size, arch.image_channels)
+
+
+def _unet_shapes(arch: Arch):
+  return build.unet_param_shapes(arch.model, arch.image_size, arch.image_channels)
+
+
+def _inputs(args: Arch, batch: int = 2, seed: int = 0):
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   x = jax.random.normal(k1, (batch, args.image_size, args.image_size, args.image_channels + 1))
   t = jax.random.randint(k2, (batch,), 0, 1000)
@@ -59,7 +75,7 @@ def _fwd(unet):
   return jax.jit(lambda p, x, t: unet.apply({'params': p}, x, t, train=False))
 
 
-def _random_params(args: build.UNetArgs, seed: int = 1):
+def _random_params(args: Arch, seed: int = 1):
   """Random (non-zero output) UNet params without running the initialisers."""
   return _perturb(_unet_shapes(args), seed)
 
@@ -67,7 +83,7 @@ def _random_params(args: build.UNetArgs, seed: int = 1):
 @pytest.fixture(scope='module')
 def tiny():
   """(unet module, random params) of the tiny config (non-zero outputs)."""
-  return build.build_unet(TINY), _random_params(TINY)
+  return _unet(TINY), _random_params(TINY)
 
 
 @pytest.fixture(scope='module')
@@ -95,8 +111,7 @@ def test_param_count_small_config():
 
 
 def test_param_count_latent_nets():
-  networks = build.build_networks(CONFIG_A, LATENT)
-  # AMN/ACN over a 1-channel image + mask (2 input channels).
+  networks = _networks(LATENT)
   x = jnp.zeros((1, 128, 128, 2))
   for net in (networks.amn, networks.acn):
     shapes = jax.eval_shape(lambda n=net: n.init(jax.random.PRNGKey(0), x))
@@ -104,7 +119,7 @@ def test_param_count_latent_nets():
 
 
 def test_forward_flops_paper_config():
-  record = model_bench.bench_model(CONFIG_A, build.LatentArgs(5, (32, 64, 128, 192), 3, 6))
+  record = model_bench.bench_model(CONFIG_A.model, 128, 4)
   assert record['unet_params'] == 85_603_842
   assert record['amn_params'] == record['acn_params']
   # 132.17 GFLOP (2 x MAC) per 128x128 image in the official model; XLA skips the
@@ -114,7 +129,7 @@ def test_forward_flops_paper_config():
 
 
 def test_init_params_keys_and_counts():
-  networks = build.build_networks(CONFIG_B, build.LatentArgs(5, (32, 64, 128, 192), 3, 6))
+  networks = _networks(CONFIG_B)
   shapes = jax.eval_shape(lambda: build.init_params(networks, jax.random.PRNGKey(0), 64, 4))
   assert set(shapes) == {'unet', 'amn', 'acn'}
   assert build.count_params(shapes['unet']) == 2_999_234
@@ -125,7 +140,7 @@ def test_init_params_keys_and_counts():
 
 def test_init_params_zero_output_at_init():
   channels = 2  # learn_sigma: (eps, v)
-  networks = build.build_networks(TINY, TINY_LATENT)
+  networks = _networks(TINY)
   params = jax.jit(lambda r: build.init_params(networks, r, 16, 1))(jax.random.PRNGKey(0))
   shapes = jax.eval_shape(lambda: build.init_params(networks, jax.random.PRNGKey(0), 16, 1))
   assert jax.tree.structure(params) == jax.tree.structure(shapes)
@@ -143,8 +158,8 @@ def test_init_params_zero_output_at_init():
 
 @pytest.mark.parametrize('learn_sigma,channels', [(True, 2), (False, 1)])
 def test_output_shape(learn_sigma, channels):
-  args = build.UNetArgs(**dict(TINY.__dict__, learn_sigma=learn_sigma))
-  unet = build.build_unet(args)
+  args = TINY.replace(learn_sigma=learn_sigma)
+  unet = _unet(args)
   x, t = _inputs(args, batch=3)
   out = jax.eval_shape(lambda: unet.apply(unet.init(jax.random.PRNGKey(0), x, t), x, t))
   assert out.shape == (3, 16, 16, channels) and out.dtype == jnp.float32
@@ -162,17 +177,17 @@ def test_attention_placement_follows_config():
   names = {k for k in _unet_shapes(TINY) if k.endswith('attn')}
   assert names == {'input_blocks_3_attn', 'middle_attn', 'output_blocks_0_attn',
                    'output_blocks_1_attn'}
-  full = dict(TINY.__dict__, attention_resolutions=(16, 8))
-  names = {k for k in _unet_shapes(build.UNetArgs(**full)) if k.endswith('attn')}
+  names = {k for k in _unet_shapes(TINY.replace(attention_resolutions=(16, 8)))
+           if k.endswith('attn')}
   assert {'input_blocks_1_attn', 'output_blocks_2_attn', 'output_blocks_3_attn'} <= names
-  none = dict(TINY.__dict__, attention_resolutions=())
-  names = {k for k in _unet_shapes(build.UNetArgs(**none)) if k.endswith('attn')}
+  names = {k for k in _unet_shapes(TINY.replace(attention_resolutions=()))
+           if k.endswith('attn')}
   assert names == {'middle_attn'}
 
 
 def test_heads_from_num_head_channels(tiny):
   one_head_unet, params = tiny
-  unet = build.build_unet(build.UNetArgs(**dict(TINY.__dict__, num_head_channels=4)))
+  unet = _unet(TINY.replace(num_head_channels=4))
   x, t = _inputs(TINY, batch=1)
   out = _fwd(unet)(params, x, t)
   one_head = _fwd(one_head_unet)(params, x, t)
@@ -203,7 +218,7 @@ def test_image_channels_change_output(tiny, tiny_fwd):
 
 def test_dropout_only_in_training(tiny):
   _, params = tiny
-  unet = build.build_unet(build.UNetArgs(**dict(TINY.__dict__, dropout=0.5)))
+  unet = _unet(TINY.replace(dropout=0.5))
   x, t = _inputs(TINY)
   @jax.jit
   def run(rng):
@@ -218,8 +233,8 @@ def test_dropout_only_in_training(tiny):
 
 def test_remat_same_params_and_gradients(tiny, tiny_grad):
   _, params = tiny
-  args = build.UNetArgs(**dict(TINY.__dict__, remat=True))
-  rem = build.build_unet(args)
+  args = TINY.replace(remat=True)
+  rem = _unet(args)
   assert jax.tree.structure(_unet_shapes(args)) == jax.tree.structure(params)
   x, t = _inputs(TINY, batch=4)
   loss0, g0 = tiny_grad(params, x, t)
@@ -232,21 +247,20 @@ def test_remat_same_params_and_gradients(tiny, tiny_grad):
 
 def test_bfloat16_compute(tiny, tiny_fwd):
   _, params = tiny
-  bf = build.build_unet(build.UNetArgs(**dict(TINY.__dict__, dtype='bfloat16')))
+  bf = _unet(TINY.replace(compute_dtype='bfloat16'))
   x, t = _inputs(TINY)
   ref = tiny_fwd(params, x, t)
   out = _fwd(bf)(params, x, t)
   assert out.dtype == jnp.float32
   err = float(jnp.abs(out - ref).max()) / float(jnp.abs(ref).max())
   assert err < 0.1, err
-  with pytest.raises(ValueError):
-    build.build_unet(build.UNetArgs(**dict(TINY.__dict__, dtype='float16')))
+  with pytest.raises(ValueError, match='model.compute_dtype'):
+    TINY.replace(compute_dtype='float16')
 
 
 @pytest.mark.parametrize('scale_shift,updown', [(True, False), (True, True)])
 def test_variants_scale_shift_and_resblock_updown(scale_shift, updown):
-  args = build.UNetArgs(**dict(TINY.__dict__, use_scale_shift_norm=scale_shift,
-                               resblock_updown=updown))
+  args = TINY.replace(use_scale_shift_norm=scale_shift, resblock_updown=updown)
   shapes = _unet_shapes(args)
   emb = shapes['input_blocks_1_res']['emb_dense']['kernel']
   assert emb.shape == (32, 16 if scale_shift else 8)  # 4*8 -> (2x) out
@@ -255,7 +269,7 @@ def test_variants_scale_shift_and_resblock_updown(scale_shift, updown):
     assert 'in_conv' in shapes['output_blocks_1_up']
   else:
     assert set(shapes['input_blocks_2_down']) == {'conv'}
-  unet = build.build_unet(args)
+  unet = _unet(args)
   x, t = _inputs(args)
   out = _fwd(unet)(_perturb(shapes), x, t)
   assert out.shape == (2, 16, 16, 2) and bool(jnp.all(jnp.isfinite(out)))
@@ -265,8 +279,7 @@ def test_resblock_updown_param_count():
   # Analytic count: each down/up ResBlock (C -> C, no skip) adds, over a stride-2 conv
   # (9C^2 + C), 2 GroupNorms + emb Dense + a second conv3x3.
   base = build.count_params(_unet_shapes(TINY))
-  updown = build.count_params(_unet_shapes(build.UNetArgs(**dict(TINY.__dict__,
-                                                                 resblock_updown=True))))
+  updown = build.count_params(_unet_shapes(TINY.replace(resblock_updown=True)))
   c, e = 8, 32  # down at 8 channels (level 0); up at 16 channels (level 1)
   extra_down = 2 * 2 * c + (e * c + c) + (9 * c * c + c)
   c = 16
@@ -330,7 +343,7 @@ def test_attention_block_matches_numpy():
 
 
 def test_latent_net_shapes():
-  net = build.build_latent_net(TINY_LATENT)
+  net = build.build_latent_net(TINY.model, 1)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 2))
   params = _perturb(jax.eval_shape(net.init, jax.random.PRNGKey(1), x))
   mean, log_sigma = jax.jit(net.apply)(params, x)
@@ -345,7 +358,7 @@ def test_latent_net_shapes():
 
 
 def test_latent_pooling_before_every_block_but_first():
-  net = build.build_latent_net(LATENT)
+  net = build.build_latent_net(LATENT.model, 1)
   x = jnp.zeros((1, 128, 128, 2))
   params = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
   _, state = jax.eval_shape(lambda p: net.apply(p, x, capture_intermediates=True), params)
@@ -376,15 +389,19 @@ def test_kl_matches_numpy_closed_form():
   assert not np.allclose(kl, rev)
 
 
-# ---- speed ------------------------------------------------------------------------
+# ---- gradients ----------------------------------------------------------------------
 
 
-def test_tiny_forward_and_grad_fast(tiny, tiny_grad):
+def test_tiny_forward_and_grad_finite(tiny, tiny_grad):
   _, params = tiny
   x, t = _inputs(TINY, batch=4)
-  jax.block_until_ready(tiny_grad(params, x, t))  # compile (or cached)
-  start = time.perf_counter()
   loss, grads = jax.block_until_ready(tiny_grad(params, x, t))
-  seconds = time.perf_counter() - start
   assert np.isfinite(float(loss)) and build.count_params(grads) == build.count_params(params)
-  assert seconds < 0.5, seconds
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_ambiguity_off_builds_no_latent_nets():
+  networks = _networks(TINY.replace(ambiguity='off'))
+  assert networks.amn is None and networks.acn is None
+  shapes = jax.eval_shape(lambda: build.init_params(networks, jax.random.PRNGKey(0), 16, 1))
+  assert set(shapes) == {'unet'}

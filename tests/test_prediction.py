@@ -30,43 +30,39 @@ def test_x0_output_round_trips_through_p_mean_variance():
 
 
 def test_x0_objective_regresses_the_mask():
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
   from cimd_jax.models import build  # pylint: disable=g-import-not-at-top
   from cimd_jax.train import objective  # pylint: disable=g-import-not-at-top
-  config = test_config.get_config()
-  config.diffusion.prediction = 'x0'
-  setup = from_config.train_setup(config)
-  assert setup.objective.prediction == 'x0'
-  networks = build.build_networks(setup.unet, setup.latent)
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  s = helpers.settings(diffusion__prediction='x0')
+  networks = build.build_networks(s.model, 16, 1)
   params = build.init_params(networks, jax.random.PRNGKey(0), 16, 1)
   mask = jnp.where(jnp.arange(16 * 16).reshape(1, 16, 16, 1) % 3 == 0, 1.0, -1.0)
   batch = {'image': jnp.zeros((1, 16, 16, 1)), 'mask': mask}
   # The UNet's output conv starts at zero: x0_hat = 0, so mse = mean(mask^2) = 1.
-  terms = objective.loss_terms(params, networks, setup.tables, batch, jax.random.PRNGKey(1),
-                               setup.objective)
+  terms = objective.loss_terms(params, networks, s.diffusion.tables(), batch,
+                               jax.random.PRNGKey(1), s.objective, s.diffusion)
   np.testing.assert_allclose(terms['mse'], [1.0], rtol=1e-6)
 
 
 def test_sampling_denoiser_clips_the_learned_variance_channel():
-  from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
-  from cimd_jax import sample  # pylint: disable=g-import-not-at-top
+  from cimd_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
   from cimd_jax.models import build  # pylint: disable=g-import-not-at-top
-  setup = from_config.train_setup(test_config.get_config())
-  networks = build.build_networks(setup.unet, setup.latent)
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  s = helpers.settings()
+  tables = s.diffusion.tables()
+  networks = build.build_networks(s.model, 16, 1)
   params = build.init_params(networks, jax.random.PRNGKey(0), 16, 1)['unet']
   # The output conv's kernel starts at zero: its bias is the output, eps 0.3, v 5.
   params['out_conv']['bias'] = jnp.array([0.3, 5.0])
   x = jnp.zeros((2, 16, 16, 2))
   t = jnp.array([3, 40])
-  clipped = sample.denoiser(setup.unet, setup.tables, 'eps', clip_variance=True)(params, x, t)
-  raw = sample.denoiser(setup.unet, setup.tables, 'eps', clip_variance=False)(params, x, t)
+  clipped = ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=True)(params, x, t)
+  raw = ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=False)(params, x, t)
   np.testing.assert_allclose(raw[..., 1], 5.0, rtol=1e-6)
   np.testing.assert_allclose(clipped[..., 1], 1.0, rtol=1e-6)
   np.testing.assert_allclose(clipped[..., 0], raw[..., 0])
   np.testing.assert_allclose(raw[..., 0], 0.3, rtol=1e-6)
   # With v clipped to 1 the reverse variance is beta_t exactly (the top of the range).
-  out = gaussian.p_mean_variance(setup.tables, clipped, x[..., 1:], t, 'learned_range')
+  out = gaussian.p_mean_variance(tables, clipped, x[..., 1:], t, 'learned_range')
   np.testing.assert_allclose(out['log_variance'][:, 0, 0, 0],
-                             np.log(np.asarray(setup.tables.betas)[[3, 40]]), rtol=1e-5)
+                             np.log(np.asarray(tables.betas)[[3, 40]]), rtol=1e-5)

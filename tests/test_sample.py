@@ -1,4 +1,5 @@
-"""--mode=sample / --mode=evaluate on a tiny trained model: files, metrics, bad input."""
+"""--mode=sample / --mode=evaluate on a tiny trained model: files, metrics, bad input,
+checkpoint checks."""
 
 import csv
 import json
@@ -8,21 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import test as test_config
-from cimd_jax import from_config
 from cimd_jax import metrics
-from cimd_jax import run_modes
-from cimd_jax import sample
+from cimd_jax.apps import sampling
+from cimd_jax.evaluation import reports
+from cimd_jax.utils.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from tests import helpers
 
 
-def _config(tfds_dir, **sampling):
-  config = test_config.get_config()
-  config.data.tfds_dir = str(tfds_dir)
-  config.training.num_steps = 2
-  config.training.checkpoint_every = 2
-  for k, v in sampling.items():
-    config.sampling[k] = v
-  return config
+def _settings(tfds_dir, **sampling_keys):
+  return helpers.settings(tfds_dir, training__num_steps=2, training__checkpoint_every=2,
+                          **{f'sampling__{k}': v for k, v in sampling_keys.items()})
 
 
 @pytest.fixture(scope='module')
@@ -30,17 +26,17 @@ def trained(tmp_path_factory):
   base = tmp_path_factory.mktemp('sample')
   tfds_dir = base / 'tfds'
   workdir = base / 'run'
-  run_modes.train(_config(tfds_dir), str(workdir))
+  helpers.train_mode(_settings(tfds_dir), workdir)
   return workdir, tfds_dir
 
 
 def test_sample_split_writes_pngs_and_manifest(trained, tmp_path):
   workdir, tfds_dir = trained
-  config = _config(tfds_dir, output_dir=str(tmp_path / 'out'), num_samples=3)
-  out = run_modes.sample_mode(config, str(workdir))
+  s = _settings(tfds_dir, output_dir=str(tmp_path / 'out'), num_samples=3)
+  out = sampling.run_sample(s, str(workdir), set())
   cases = sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))
-  assert len(cases) == config.data.synthetic_num_test
-  size = config.data.image_size
+  assert len(cases) == s.data.synthetic_num_test
+  size = s.data.image_size
   for case in cases:
     files = sorted(os.listdir(os.path.join(out, case)))
     assert files == ['mean.png', 'overview.png', 'sample_00.png', 'sample_01.png',
@@ -54,39 +50,40 @@ def test_sample_split_writes_pngs_and_manifest(trained, tmp_path):
     manifest = json.load(f)
   assert manifest['checkpoint_step'] == 2 and manifest['num_samples'] == 3
   assert manifest['steps'] == '10' and manifest['sampler'] == 'ddpm'
-  assert manifest['config']['model.num_channels'] == config.model.num_channels
+  assert manifest['complete'] is True
+  assert manifest['config']['model']['num_channels'] == s.model.num_channels
+  assert sorted(manifest['cases'].values()) == cases
 
 
 def test_same_seed_same_masks_and_samples_differ(trained, tmp_path):
   workdir, tfds_dir = trained
   outs = []
   for name in ('a', 'b'):
-    config = _config(tfds_dir, output_dir=str(tmp_path / name), num_samples=4)
-    outs.append(run_modes.sample_mode(config, str(workdir)))
+    s = _settings(tfds_dir, output_dir=str(tmp_path / name), num_samples=4)
+    outs.append(sampling.run_sample(s, str(workdir), set()))
   case = sorted(d for d in os.listdir(outs[0]) if os.path.isdir(os.path.join(outs[0], d)))[0]
-  a = sample.read_case_masks(os.path.join(outs[0], case), 4)
-  b = sample.read_case_masks(os.path.join(outs[1], case), 4)
+  a = reports.read_case_masks(os.path.join(outs[0], case))
+  b = reports.read_case_masks(os.path.join(outs[1], case))
+  assert a.shape[0] == 4
   np.testing.assert_array_equal(a, b)
 
 
 def test_evaluate_metrics_match_written_pngs(trained, tmp_path):
   workdir, tfds_dir = trained
-  config = _config(tfds_dir, output_dir=str(tmp_path / 'eval'))
-  result = run_modes.evaluate(config, str(workdir))
-  out = tmp_path / 'eval'
+  s = _settings(tfds_dir, output_dir=str(tmp_path / 'eval'))
+  _, result, out = sampling.evaluate_cases(s, str(workdir), set())
   for k in ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou'):
     assert np.isfinite(result['metrics'][k]['mean'])
-    assert result['metrics'][k]['count'] == config.data.synthetic_num_test
-  assert result['num_samples'] == config.eval.num_samples
-  with open(out / 'per_image.csv') as f:
+    assert result['metrics'][k]['count'] == s.data.synthetic_num_test
+  assert result['num_samples'] == s.sampling.num_samples
+  with open(os.path.join(out, 'per_image.csv')) as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == config.data.synthetic_num_test
+  assert len(rows) == s.data.synthetic_num_test
   # Recompute from the written PNGs and the dataset's experts.
-  setup = from_config.sample_setup(config, 'evaluate')
-  cases = sample._dataset_cases(setup, str(workdir), 'test')  # pylint: disable=protected-access
+  cases = sampling.dataset_cases(s, str(workdir))
   gts = np.stack([c.experts for c in cases])
-  preds = np.stack([sample.read_case_masks(str(out / sample._safe_name(c.case_id)),  # pylint: disable=protected-access
-                                           config.eval.num_samples) for c in cases])
+  preds = np.stack([reports.read_case_masks(os.path.join(out, row['folder'])) for row in rows])
+  assert [r['case_id'] for r in rows] == [c.case_id for c in cases]
   per_image = metrics.evaluate(gts, preds)
   for k in ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou'):
     np.testing.assert_allclose(np.mean(per_image[k]), result['metrics'][k]['mean'],
@@ -96,18 +93,18 @@ def test_evaluate_metrics_match_written_pngs(trained, tmp_path):
 
 def test_input_dir_and_bad_images(trained, tmp_path):
   workdir, tfds_dir = trained
-  size = test_config.get_config().data.image_size
+  size = helpers.config().data.image_size
   folder = tmp_path / 'inputs'
   folder.mkdir()
   Image.fromarray(np.full((size, size), 128, np.uint8)).save(folder / 'good.png')
   (folder / 'broken.png').write_bytes(b'not a png at all')
-  config = _config(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o1'))
+  s = _settings(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o1'))
   with pytest.raises(ValueError, match='broken.png'):
-    run_modes.sample_mode(config, str(workdir))
-  assert not os.path.exists(tmp_path / 'o1' / 'good')
-  config = _config(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o2'),
-                   skip_bad_inputs=True, num_samples=2)
-  out = run_modes.sample_mode(config, str(workdir))
+    sampling.run_sample(s, str(workdir), set())
+  assert not os.path.exists(tmp_path / 'o1')
+  s = _settings(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o2'),
+                skip_bad_inputs=True, num_samples=2)
+  out = sampling.run_sample(s, str(workdir), set())
   assert os.path.exists(os.path.join(out, 'good', 'sample_01.png'))
   assert not os.path.exists(os.path.join(out, 'broken'))
   with open(os.path.join(out, 'manifest.json')) as f:
@@ -116,21 +113,43 @@ def test_input_dir_and_bad_images(trained, tmp_path):
   # Wrong size is named too.
   Image.fromarray(np.zeros((size + 3, size), np.uint8)).save(folder / 'big.png')
   (folder / 'broken.png').unlink()
-  config = _config(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o3'))
+  s = _settings(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o3'))
   with pytest.raises(ValueError, match=r'big.png.*expected'):
-    run_modes.sample_mode(config, str(workdir))
+    sampling.run_sample(s, str(workdir), set())
 
 
 def test_no_checkpoint_names_the_folder(tmp_path):
-  config = _config(tmp_path / 'tfds')
+  s = _settings(tmp_path / 'tfds')
   (tmp_path / 'empty' / 'something').mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match=r'No checkpoint in .*checkpoints.*something'):
-    run_modes.sample_mode(config, str(tmp_path / 'empty'))
+  with pytest.raises(CheckpointNotFoundError, match=r'No checkpoint in .*checkpoints.*something'):
+    sampling.run_sample(s, str(tmp_path / 'empty'), set())
 
 
-def test_mismatched_checkpoint_names_parameter_and_shapes(trained, tmp_path):
+def test_checkpoint_config_wins_and_explicit_contradictions_are_refused(trained, tmp_path):
   workdir, tfds_dir = trained
-  config = _config(tfds_dir, output_dir=str(tmp_path / 'x'))
-  config.model.num_channels = 16
-  with pytest.raises(sample.CheckpointMismatchError, match=r"parameter .* shape \(.*\) in the checkpoint but \(.*\) in the config"):
-    run_modes.sample_mode(config, str(workdir))
+  # A config file that says another width: the checkpoint's width is used.
+  s = _settings(tfds_dir, output_dir=str(tmp_path / 'x'), num_samples=2)
+  wide = helpers.settings(tfds_dir, model__num_channels=16, sampling__num_samples=2,
+                          sampling__output_dir=str(tmp_path / 'x'))
+  out = sampling.run_sample(wide, str(workdir), set())
+  with open(os.path.join(out, 'manifest.json')) as f:
+    assert json.load(f)['config']['model']['num_channels'] == s.model.num_channels
+  # The same width given on the command line is refused, naming the key and both values.
+  with pytest.raises(ConfigError, match=r'model.num_channels=16 contradicts .* '
+                                        r'model.num_channels=8'):
+    sampling.run_sample(wide, str(workdir), {'model.num_channels'})
+  # So is another T; sampling keys may change.
+  long_t = helpers.settings(tfds_dir, diffusion__num_timesteps=1000)
+  with pytest.raises(ConfigError, match='diffusion.num_timesteps'):
+    sampling.run_sample(long_t, str(workdir), {'diffusion.num_timesteps'})
+
+
+def test_parameters_that_do_not_fit_are_named(trained):
+  from cimd_jax.inference import restore  # pylint: disable=g-import-not-at-top
+  from cimd_jax.models import build  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained
+  s = helpers.settings(model__num_channels=16)
+  expected = build.unet_param_shapes(s.model, 16, 1)
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"parameter .* shape \(.*\) in the checkpoint but \(.*\) in the config"):
+    restore.restore_unet(str(workdir), 'latest', True, expected)

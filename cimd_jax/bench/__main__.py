@@ -64,18 +64,18 @@ def main(argv):
   if _WHAT.value == 'all':
     _run_all(sys.argv)
     return
-  from cimd_jax import runtime  # pylint: disable=g-import-not-at-top
+  from cimd_jax.utils import runtime  # pylint: disable=g-import-not-at-top
   if _CACHE.value:
     runtime.enable_compilation_cache()
-  from cimd_jax import from_config  # pylint: disable=g-import-not-at-top
+  from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   info = {'config': _config_name(), **common.machine_info()}
   what = _WHAT.value
   if what == 'model':
     from cimd_jax.bench import model_bench  # pylint: disable=g-import-not-at-top
-    record = model_bench.bench_model(from_config.unet_args(config.model, config.data),
-                                     from_config.latent_args(config.model, config.data))
+    s = settings_lib.from_config(config)
+    record = model_bench.bench_model(s.model, s.data.image_size, s.data.image_channels)
     record = {'what': 'model', **record}
   elif what == 'metrics':
     from cimd_jax.bench import metrics_bench  # pylint: disable=g-import-not-at-top
@@ -86,7 +86,7 @@ def main(argv):
     batch = _BATCH.value or int(config.training.batch_size)
     with config.unlocked():
       config.training.batch_size = batch   # so training.microbatches is checked against it
-    record = train_bench.bench_train(from_config.train_setup(config), batch,
+    record = train_bench.bench_train(settings_lib.from_config(config), batch,
                                      repeats=_REPEATS.value, profile_dir=_PROFILE.value)
     if 'profile' in record and not _JSON.value:
       from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
@@ -94,7 +94,7 @@ def main(argv):
   else:
     from cimd_jax.bench import sample_bench  # pylint: disable=g-import-not-at-top
     record = sample_bench.bench_sample(
-        from_config.sample_setup(config, 'sample'), num_images=_BATCH.value or 1,
+        settings_lib.from_config(config), num_images=_BATCH.value or 1,
         repeats=_REPEATS.value, ensemble=_ENSEMBLE.value)
   if what in ('train', 'sample'):
     roof = common.matmul_gflops()

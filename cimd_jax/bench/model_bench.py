@@ -17,8 +17,8 @@ def _flops(cost: Any) -> float:
   return float((cost or {}).get('flops', 0.0))
 
 
-def unet_forward_flops(unet_args: build.UNetArgs, compile_it: bool = True
-                       ) -> tuple[float, str, float]:
+def unet_forward_flops(model: build.ModelArgs, image_size: int, image_channels: int,
+                       compile_it: bool = True) -> tuple[float, str, float]:
   """(FLOPs of one UNet forward at batch 1, 'compiled'|'lowered', seconds spent).
 
   Nothing is initialised: parameters are abstract (`jax.eval_shape`). XLA counts
@@ -26,8 +26,8 @@ def unet_forward_flops(unet_args: build.UNetArgs, compile_it: bool = True
   figure reads a little below the analytic 2·MAC count. The compiled analysis is
   used when `compile_it` and available, else the (pre-optimisation) lowered one.
   """
-  unet = build.build_unet(unet_args)
-  size, chans = unet_args.image_size, unet_args.image_channels + 1
+  unet = build.build_unet(model, image_size)
+  size, chans = image_size, image_channels + 1
   x = jax.ShapeDtypeStruct((1, size, size, chans), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   params = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
@@ -42,7 +42,7 @@ def unet_forward_flops(unet_args: build.UNetArgs, compile_it: bool = True
   return _flops(lowered.cost_analysis()), 'lowered', time.perf_counter() - start
 
 
-def bench_model(unet_args: build.UNetArgs, latent_args: build.LatentArgs,
+def bench_model(model: build.ModelArgs, image_size: int, image_channels: int,
                 compile_it: bool = True) -> dict[str, Any]:
   """Parameter counts of UNet/AMN/ACN and the UNet forward FLOPs per image.
 
@@ -50,11 +50,11 @@ def bench_model(unet_args: build.UNetArgs, latent_args: build.LatentArgs,
   `unet_forward_flops` (per image, batch 1), `unet_forward_gflops`, `flops_source`
   ('compiled' or 'lowered') and `flops_analysis_s` (lowering + compile seconds).
   """
-  networks = build.build_networks(unet_args, latent_args)
+  networks = build.build_networks(model, image_size, image_channels)
   shapes = jax.eval_shape(lambda: build.init_params(
-      networks, jax.random.PRNGKey(0), unet_args.image_size, unet_args.image_channels))
+      networks, jax.random.PRNGKey(0), image_size, image_channels))
   counts = {f'{k}_params': build.count_params(v) for k, v in shapes.items()}
-  flops, source, seconds = unet_forward_flops(unet_args, compile_it)
+  flops, source, seconds = unet_forward_flops(model, image_size, image_channels, compile_it)
   return {
       **counts,
       'total_params': sum(counts.values()),
@@ -62,6 +62,6 @@ def bench_model(unet_args: build.UNetArgs, latent_args: build.LatentArgs,
       'unet_forward_gflops': flops / 1e9,
       'flops_source': source,
       'flops_analysis_s': seconds,
-      'image_size': unet_args.image_size,
-      'compute_dtype': unet_args.dtype,
+      'image_size': image_size,
+      'compute_dtype': model.compute_dtype,
   }

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cimd_jax import sample
+from cimd_jax import settings as settings_lib
 from cimd_jax.bench import common
 from cimd_jax.diffusion import samplers
-from cimd_jax.diffusion import schedule
+from cimd_jax.inference import ensemble as ensemble_lib
 from cimd_jax.models import build
 
 
-def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 5,
+def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: int = 5,
                  ensemble: str = 'auto', max_ensemble_s: float = 600.0) -> dict[str, Any]:
   """Seconds per reverse step of the B*N-row ensemble and per whole ensemble.
 
@@ -23,21 +23,21 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
   compile call), 'estimate' reports step time x steps, 'auto' measures when the
   estimate is under `max_ensemble_s`.
   """
-  unet = build.build_unet(setup.unet)
-  size, channels = setup.unet.image_size, setup.unet.image_channels
+  s = settings
+  size, channels = s.data.image_size, s.data.image_channels
+  unet = build.build_unet(s.model, size)
   params = jax.jit(lambda k: unet.init(
       k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
       train=False)['params'])(jax.random.PRNGKey(0))
-  tables = sample.sampling_tables(setup.betas, setup.sampler.steps, setup.sampler.sampler)
-  n, b = setup.num_samples, num_images
+  tables = s.sampling.tables(s.diffusion.betas())
+  n, b = s.sampling.num_samples, num_images
   rows = b * n
 
-  apply_fn = sample.denoiser(setup.unet, schedule.make_tables(setup.betas),
-                            setup.sampler.prediction, setup.sampler.clip_variance)
+  apply_fn = ensemble_lib.denoiser(s.model, size, s.diffusion, s.sampling.clip_variance)
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
-      apply_fn, p, tables, img, keys, x, i, sampler=setup.sampler.sampler,
-      variance=setup.sampler.variance, eta=setup.sampler.eta))
+      apply_fn, p, tables, img, keys, x, i, sampler=s.sampling.sampler,
+      variance=s.diffusion.variance, eta=s.sampling.ddim_eta))
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.uniform(-1, 1, (rows, size, size, channels)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((rows, size, size, 1)), jnp.float32)
@@ -48,7 +48,7 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
                                          repeats=repeats, warmup=1)
   num_steps = tables.num_timesteps
   record = {
-      'what': 'sample', 'sampler': setup.sampler.sampler,
+      'what': 'sample', 'sampler': s.sampling.sampler,
       'steps': num_steps, 'num_images': b, 'num_samples': n, 'rows': rows,
       'step_median_s': step_median, 'step_times_s': times, 'step_compile_s': compile_s,
       'flops_per_step': flops, 'gflops_per_s': flops / step_median / 1e9,
@@ -58,7 +58,7 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
                                       step_median * num_steps <= max_ensemble_s)
   if measure:
     images = np.asarray(rng.uniform(-1, 1, (b, size, size, channels)), np.float32)
-    draw = sample.make_ensemble_fn(setup.unet, setup.betas, setup.sampler, n)
+    draw = ensemble_lib.make_ensemble_fn(s.model, size, s.diffusion, s.sampling)
     t = time.perf_counter()
     draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
     first = time.perf_counter() - t

@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 
+from cimd_jax import settings as settings_lib
 from cimd_jax.bench import common
 from cimd_jax.models import build
 from cimd_jax.train import loop
@@ -12,26 +13,28 @@ from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
 
 
-def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5,
+def bench_train(settings: settings_lib.Settings, batch: int, repeats: int = 5,
                 profile_dir: str = '') -> dict[str, Any]:
   """Median seconds per train step at global batch `batch`, compile time apart, XLA
   FLOPs per step, achieved GFLOP/s and peak memory; with `profile_dir`, also the top
   XLA ops of two further steps (bench.profile) under 'profile'."""
+  s = settings
+  size, channels = s.data.image_size, s.data.image_channels
   mesh = step_lib.make_mesh()
-  networks = build.build_networks(setup.unet, setup.latent)
-  tx = state_lib.make_optimizer(setup.optimizer)
-  init = loop.init_state_fn(setup, networks, tx)
+  networks = build.build_networks(s.model, size, channels)
+  tx = state_lib.make_optimizer(s.training, s.model.ambiguity)
+  init = loop.init_state_fn(networks, tx, size, channels)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   sharding = jax.tree.map(lambda _: step_lib.replicated(mesh), abstract)
   state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
   data = jax.device_put(
-      common.random_batch(batch, setup.unet.image_size, setup.unet.image_channels),
+      common.random_batch(batch, size, channels),
       step_lib.batch_sharding(mesh))
   jitted = step_lib.jit_train_step(
-      mesh, sharding, networks=networks, tables=setup.tables,
-      objective_args=setup.objective, tx=tx,
-      lr_fn=state_lib.learning_rate_schedule(setup.optimizer),
-      ema_rate=setup.loop.ema_rate, microbatches=setup.loop.microbatches)
+      mesh, sharding, networks=networks, tables=s.diffusion.tables(),
+      objective_args=s.objective, diffusion=s.diffusion, tx=tx,
+      lr_fn=state_lib.learning_rate_schedule(s.training),
+      ema_rate=s.training.ema_rate, microbatches=s.training.microbatches)
   if isinstance(jitted, step_lib.MicrobatchedTrainStep):
     # Two programs: compile both, count the accumulation once per micro-batch.
     compile_s, flops = 0.0, 0.0
@@ -57,8 +60,8 @@ def bench_train(setup: loop.TrainSetup, batch: int, repeats: int = 5,
       'what': 'train', 'batch': batch, 'median_s': median, 'times_s': times,
       'images_per_s': batch / median, 'flops_per_step': flops,
       'gflops_per_s': flops / median / 1e9, 'compile_s': compile_s,
-      'remat': setup.unet.remat, 'microbatches': setup.loop.microbatches,
-      'compute_dtype': setup.unet.dtype,
+      'remat': s.model.remat, 'microbatches': s.training.microbatches,
+      'compute_dtype': s.model.compute_dtype, 'ambiguity': s.model.ambiguity,
       **common.planned_memory_mib(compiled),
       'peak_rss_mib': common.peak_rss_mib(), 'device_peak_mib': common.device_peak_mib(),
   }

@@ -1,11 +1,13 @@
 """DataArgs: the explicit, typed arguments of the data modules.
 
-`cimd_jax.from_config.data_args` builds it from the `data` config group; nothing
-under `cimd_jax/data` reads a ConfigDict.
+The `data` config group maps 1:1 onto it (`DataArgs(**config.data)`, built by
+`cimd_jax.settings`); nothing under `cimd_jax/data` reads a ConfigDict.
 """
 
 import dataclasses
 import os
+
+from cimd_jax.utils.errors import ConfigError
 
 DATASET_NAMES = ('synthetic', 'folder')
 TRAIN, TEST, VALIDATION = 'train', 'test', 'validation'
@@ -49,22 +51,22 @@ class DataArgs:
 
   def __post_init__(self):
     if self.name not in DATASET_NAMES:
-      raise ValueError(f'data.name must be one of {DATASET_NAMES}, got {self.name!r}')
+      raise ConfigError(f'data.name must be one of {DATASET_NAMES}, got {self.name!r}')
     if self.image_size < 1:
-      raise ValueError(f'data.image_size must be positive, got {self.image_size}')
+      raise ConfigError(f'data.image_size must be positive, got {self.image_size}')
     if self.image_channels < 1:
-      raise ValueError(f'data.image_channels must be >= 1, got {self.image_channels}')
+      raise ConfigError(f'data.image_channels must be >= 1, got {self.image_channels}')
     if self.num_annotators < 1:
-      raise ValueError(f'data.num_annotators must be >= 1, got {self.num_annotators}')
+      raise ConfigError(f'data.num_annotators must be >= 1, got {self.num_annotators}')
     if not 0 <= self.mask_threshold < 255:
-      raise ValueError(f'data.mask_threshold must be in [0, 255), got {self.mask_threshold}')
+      raise ConfigError(f'data.mask_threshold must be in [0, 255), got {self.mask_threshold}')
     if not 0.0 <= self.validation_fraction < 1.0:
-      raise ValueError('data.validation_fraction must be in [0, 1), got '
+      raise ConfigError('data.validation_fraction must be in [0, 1), got '
                        f'{self.validation_fraction}')
     if self.worker_count < 0:
-      raise ValueError(f'data.worker_count must be >= 0, got {self.worker_count}')
+      raise ConfigError(f'data.worker_count must be >= 0, got {self.worker_count}')
     if self.name == 'folder' and not self.source_dir:
-      raise ValueError("data.name='folder' needs data.source_dir (ROOT with training/ "
+      raise ConfigError("data.name='folder' needs data.source_dir (ROOT with training/ "
                        'and testing/)')
 
   def cache_dir(self, workdir: str) -> str:

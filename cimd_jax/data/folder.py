@@ -1,4 +1,5 @@
-"""TFDS builder for the CIMD folder layout (LIDC crops as shipped by the official repo).
+"""TFDS builder for the CIMD folder layout (LIDC crops as shipped by the official repo);
+over 250 lines because every check of the layout keeps its one-line error here.
 
   ROOT/training/<case>/image_<k>.(jpg|jpeg|png)   the image (one file; or C single-
                                                   channel files stacked as channels)
@@ -25,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from cimd_jax.data import records
 from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
+from cimd_jax.utils.errors import UserError
 
 SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -35,7 +37,7 @@ _IMAGE_MODES = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
 _MASK_MODES = ('L', '1')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad input data; the message names the folder/file and what was expected."""
 
 

@@ -1,4 +1,5 @@
-"""grain pipelines over the prepared ArrayRecord files.
+"""grain pipelines over the prepared ArrayRecord files (over 250 lines because the
+train and eval pipelines share their record decoding and process slicing).
 
 Train (`train_iterator`): the split shuffled with `seed` (a new order every epoch),
 repeated forever, one expert mask drawn at random per example and epoch (seeded by

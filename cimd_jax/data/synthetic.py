@@ -1,5 +1,7 @@
 """Built-in synthetic ambiguous segmentation dataset: generated from a seed, nothing
-downloaded, designed so a small diffusion model can learn the ambiguity from the image.
+downloaded, designed so a small diffusion model can learn the ambiguity from the image
+(over 250 lines because geometry, rendering, expert draws and the builder share the
+case generator and must stay in step).
 
 Each case (image_size H = W, 32/64/128 recommended, >= 16 accepted) holds, on a flat
 background (intensity 0.30 of 1) with Gaussian noise (std 0.03):

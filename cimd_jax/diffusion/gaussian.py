@@ -1,4 +1,5 @@
-"""Gaussian diffusion math as small pure functions over arrays (NHWC).
+"""Gaussian diffusion math as small pure functions over arrays (NHWC); over 250 lines
+because each formula keeps its docstring with shapes next to it.
 
 All functions take a `DiffusionTables` and step indices `t` int [B] into *those*
 tables (for respaced tables that is the step index 0..K-1, not the original

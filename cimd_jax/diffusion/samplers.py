@@ -1,4 +1,6 @@
-"""Reverse-process samplers: ancestral DDPM (all T or respaced K steps) and DDIM.
+"""Reverse-process samplers: ancestral DDPM (all T or respaced K steps) and DDIM
+(over 250 lines because the scanned sampler, its loop reference and the chunked
+ensemble share one step function and one key scheme).
 
 Each sampler is one `jax.lax.scan` over the steps of a `DiffusionTables` (full or
 respaced) inside one jit. At every step the conditioning image is concatenated to

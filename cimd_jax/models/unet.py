@@ -1,4 +1,6 @@
-"""The guided-diffusion (improved-DDPM) UNet in Flax Linen, NHWC throughout.
+"""The guided-diffusion (improved-DDPM) UNet in Flax Linen, NHWC throughout (over 250
+lines because its blocks are only used together and are checked together against
+the PyTorch model).
 
 Architecture (Dhariwal & Nichol 2021, as used by CIMD):
 

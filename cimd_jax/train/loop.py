@@ -1,11 +1,18 @@
-"""The training loop: data -> sharded jit step -> logs, image summaries and checkpoints.
+"""The training loop: data -> sharded jit step -> logs, validation and checkpoints.
 
-`train_and_evaluate(setup, workdir)` resumes automatically from the latest complete
-checkpoint in WORKDIR/checkpoints (params, optimizer, EMA, PRNG key and data order).
+`train_and_evaluate(workdir, ...)` resumes automatically from the latest complete
+checkpoint in WORKDIR/checkpoints (params, optimizer, EMA, PRNG key and data order)
+and stores the run's configuration with every checkpoint. Only process 0 writes
+TensorBoard and console lines; every process takes part in saving.
+
+TensorBoard tags: loss, mse, vlb, kl (window means), mse_by_t/q0..q3 (MSE of the
+examples whose t falls in each quarter of [0, T)), grad_norm, param_norm,
+learning_rate, steps_per_s, images_per_s; with validation (train/validation.py)
+val/ci, val/ged, val/hm_iou, val/sc, val/dmax, val/da, val/calibration_mae
+(synthetic), val/score, histograms val/per_image_ci and val/per_image_ged, and the
+images val/cases and val/calibration.
 """
 
-import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -19,201 +26,225 @@ import numpy as np
 
 from cimd_jax import checkpoint
 from cimd_jax.data import pipeline
-from cimd_jax.diffusion.schedule import DiffusionTables
+from cimd_jax.data.args import DataArgs
+from cimd_jax.diffusion.args import DiffusionArgs
+from cimd_jax.inference.args import SamplingArgs
 from cimd_jax.models import build
-from cimd_jax.train import objective
+from cimd_jax.models.build import ModelArgs
+from cimd_jax.train import objective as objective_lib
 from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
+from cimd_jax.train.args import TrainingArgs
+from cimd_jax.utils import config_args
+from cimd_jax.utils.errors import DivergenceError
+
+_WINDOW_KEYS = ('loss', 'mse', 'vlb', 'kl', 'grad_norm', 'param_norm')
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; no checkpoint is written from such a state."""
+def init_state_fn(networks: build.Networks, tx, image_size: int, image_channels: int
+                  ) -> Callable[[jax.Array], state_lib.TrainState]:
+  """rng -> a fresh TrainState (params of the networks, optimizer, EMA)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class LoopArgs:
-  """Schedule of the training loop (the `training` config group, minus the optimizer)."""
-  batch_size: int = 8
-  num_steps: int = 1000
-  seed: int = 0
-  ema_rate: float = 0.9999
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  log_every: int = 50
-  image_every: int = 0
-  image_samples: int = 4
-  image_sampler_steps: int = 50
-  microbatches: int = 1         # gradient accumulation chunks per step (memory bound)
-
-  def __post_init__(self):
-    if self.microbatches < 1 or self.batch_size % self.microbatches:
-      raise ValueError(f'training.microbatches={self.microbatches} must be >= 1 and divide '
-                       f'training.batch_size={self.batch_size}')
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSetup:
-  """Everything training needs, as explicit typed arguments (built by from_config)."""
-  data: Any                     # cimd_jax.data.DataArgs
-  unet: build.UNetArgs
-  latent: build.LatentArgs
-  tables: DiffusionTables
-  objective: objective.ObjectiveArgs
-  optimizer: state_lib.OptimizerArgs
-  loop: LoopArgs
-  hparams: dict[str, Any]       # flat config, written to TensorBoard and config.json
-
-
-def init_state_fn(setup: TrainSetup, networks: build.Networks,
-                  tx) -> Callable[[jax.Array], state_lib.TrainState]:
-  """rng -> a fresh TrainState (params of all three networks, optimizer, EMA)."""
   def init(rng):
-    params = build.init_params(networks, jax.random.fold_in(rng, 0),
-                               setup.unet.image_size, setup.unet.image_channels)
+    params = build.init_params(networks, jax.random.fold_in(rng, 0), image_size,
+                               image_channels)
     return state_lib.create_train_state(params, tx, jax.random.fold_in(rng, 1))
   return init
 
 
-def initial_or_restored_state(setup: TrainSetup, networks: build.Networks, tx,
-                              mesh: jax.sharding.Mesh, manager
-                              ) -> tuple[state_lib.TrainState, dict | None, Any]:
-  """The state to start from: the latest checkpoint if any, else a fresh init.
-
-  Returns (state, data_state or None, state_sharding).
-  """
-  init = init_state_fn(setup, networks, tx)
-  rng = jax.random.PRNGKey(setup.loop.seed)
-  abstract = jax.eval_shape(init, rng)
-  state_sharding = jax.tree.map(lambda _: step_lib.replicated(mesh), abstract)
-  latest = manager.latest_step()
-  if latest is None:
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
-    return state, None, state_sharding
-  logging.info('Resuming from checkpoint step %d in %s', latest,
-               checkpoint.checkpoint_dir(manager.directory.parent))
-  target = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, state_sharding)
-  state, data_state = checkpoint.restore(manager, latest, target)
-  return state, data_state, state_sharding
+def _local(tree: Any) -> Any:
+  """This process's copy of a replicated tree (first addressable shard)."""
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
-def _write_config(workdir: str, hparams: dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(hparams, f, indent=2, sort_keys=True, default=str)
+def _window_scalars(pending: list[tuple[int, dict[str, np.ndarray]]],
+                    batch_size: int, seconds: float) -> dict[str, float]:
+  """Scalars of a logging window from the host metrics of its steps."""
+  steps = [m for _, m in pending]
+  scalars = {k: float(np.mean([m[k] for m in steps])) for k in _WINDOW_KEYS}
+  for q in range(step_lib.NUM_QUARTILES):
+    count = sum(float(m[f'q{q}_count']) for m in steps)
+    if count:
+      scalars[f'mse_by_t/q{q}'] = sum(float(m[f'mse_q{q}_sum']) for m in steps) / count
+  scalars['learning_rate'] = float(steps[-1]['learning_rate'])
+  scalars['steps_per_s'] = len(steps) / max(seconds, 1e-9)
+  scalars['images_per_s'] = scalars['steps_per_s'] * batch_size
+  return scalars
 
 
-def _check_finite(metrics: dict[str, Any], step: int) -> None:
-  if not np.isfinite(float(metrics['loss'])):
-    raise NonFiniteLossError(
-        f'Non-finite loss ({float(metrics["loss"])}) at training step {step}; '
-        'stopping without writing a checkpoint from this state. Lower '
-        'training.learning_rate or check the data.')
+class _Divergence:
+  """What the run knows to say when it diverges: the last good checkpoint."""
+
+  def __init__(self, workdir: str, training: TrainingArgs):
+    self.workdir, self.training = workdir, training
+    self.last_good: int | None = None
+
+  def error(self, step: int, loss: float) -> DivergenceError:
+    where = (f'step {self.last_good} in {checkpoint.checkpoint_dir(self.workdir)}'
+             if self.last_good is not None else 'none was written')
+    return DivergenceError(
+        f'training diverged at step {step} (loss {loss}, or non-finite parameters); no '
+        f'checkpoint was written from that state; last good checkpoint: {where}. Try a '
+        f'lower training.learning_rate (now {self.training.learning_rate:g}), '
+        f'training.grad_clip_norm > 0 (now {self.training.grad_clip_norm:g}) or more '
+        'training.warmup_steps, and check the data')
 
 
-def train_and_evaluate(setup: TrainSetup, workdir: str,
-                       image_summary_fn: Callable[..., dict[str, np.ndarray]] | None = None,
+def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
+                       diffusion: DiffusionArgs, objective: objective_lib.ObjectiveArgs,
+                       training: TrainingArgs, sampling: SamplingArgs,
+                       config: dict[str, Any],
                        on_log: Callable[[int, dict[str, float]], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None
                        ) -> state_lib.TrainState:
-  """Trains for `setup.loop.num_steps` steps in total (resuming if possible).
+  """Trains to `training.num_steps` steps in total (resuming if possible).
 
-  `image_summary_fn(ema_unet_params, step)` returns named image arrays [N, H, W, C]
-  for TensorBoard; called every `loop.image_every` steps when given.
-  `on_log(step, scalars)` receives the scalars written at each log step.
-  Returns the final TrainState.
+  Args:
+    config: the run's configuration (settings.to_dict), stored with every checkpoint
+      and written to TensorBoard's hparams.
+    on_log: receives (step, scalars) at each log step.
+    should_stop: polled every step; when it returns True (e.g. after SIGTERM) the
+      loop saves a checkpoint of the current state (if finite) and returns early.
+
+  Returns the final TrainState. Raises DivergenceError on a non-finite loss or
+  parameters (no checkpoint is written from such a state).
   """
   os.makedirs(workdir, exist_ok=True)
-  loop = setup.loop
   mesh = step_lib.make_mesh()
-  networks = build.build_networks(setup.unet, setup.latent)
-  tx = state_lib.make_optimizer(setup.optimizer)
-  lr_fn = state_lib.learning_rate_schedule(setup.optimizer)
-  manager = checkpoint.make_manager(workdir, loop.keep_checkpoints)
-  state, data_state, state_sharding = initial_or_restored_state(
-      setup, networks, tx, mesh, manager)
-  start_step = int(jax.device_get(state.step))
-
-  # Process 0 prepares the dataset cache; the others wait for it, then read it.
-  if jax.process_index() == 0:
-    pipeline.prepare(setup.data, workdir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('cimd_jax:data_prepared')
-  data_iter = pipeline.train_iterator(
-      setup.data, workdir, loop.batch_size, jax.process_index(), jax.process_count())
-  if data_state:
-    data_iter.set_state(data_state)
-
-  micro_batch = loop.batch_size // loop.microbatches
+  micro_batch = training.micro_batch_size
   if micro_batch % jax.device_count():
-    raise ValueError(f'training.batch_size / training.microbatches = {micro_batch} must be a '
-                     f'multiple of the device count {jax.device_count()}')
-  train_step = step_lib.jit_train_step(
-      mesh, state_sharding, networks=networks, tables=setup.tables,
-      objective_args=setup.objective, tx=tx, lr_fn=lr_fn, ema_rate=loop.ema_rate,
-      microbatches=loop.microbatches)
-  sharding = step_lib.batch_sharding(mesh)
-
+    config_args.fail('training.batch_size', training.batch_size,
+                     f'a multiple of microbatches x devices = {training.microbatches} x '
+                     f'{jax.device_count()}')
+  networks = build.build_networks(model, data.image_size, data.image_channels)
+  tx = state_lib.make_optimizer(training, model.ambiguity)
+  lr_fn = state_lib.learning_rate_schedule(training)
+  tables = diffusion.tables()
+  validate = training.eval_every > 0
+  manager = checkpoint.make_manager(workdir, training.keep_checkpoints,
+                                    save_every=training.checkpoint_every, best=validate)
+  divergence = _Divergence(workdir, training)
   is_chief = jax.process_index() == 0
-  # Only process 0 writes TensorBoard and console lines.
-  writer = (metric_writers.create_default_writer(workdir) if is_chief
-            else metric_writers.MultiWriter([]))
-  if start_step == 0:
-    _write_config(workdir, setup.hparams)
-    writer.write_hparams(setup.hparams)
-  hooks = []
-  if is_chief:
-    hooks.append(periodic_actions.ReportProgress(
-        num_train_steps=loop.num_steps, writer=writer, every_secs=30.0))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  try:
+    # Process 0 prepares the dataset cache; the others wait for it, then read it.
+    if is_chief:
+      pipeline.prepare(data, workdir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('cimd_jax:data_prepared')
+    data_iter = pipeline.train_iterator(data, workdir, training.batch_size,
+                                        jax.process_index(), jax.process_count())
 
-  logging.info('Training steps %d -> %d, global batch %d on %d device(s), %d process(es)',
-               start_step, loop.num_steps, loop.batch_size, jax.device_count(),
-               jax.process_count())
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  window_start = time.perf_counter()
-  window_steps = 0
-  for step in range(start_step, loop.num_steps):
-    local = next(data_iter)
-    batch = pipeline.make_global_batch(
-        {k: local[k] for k in ('image', 'mask')}, sharding)
-    state, metrics = train_step(state, batch)
-    pending.append((step + 1, metrics))
-    window_steps += 1
-    # The loss of the previous step is read while this one runs: one step of lag
-    # keeps the host from stalling the device, and a NaN is still named exactly.
-    if len(pending) > 1:
-      prev_step, prev_metrics = pending[-2]
-      _check_finite(jax.device_get(prev_metrics), prev_step)
-    for hook in hooks:
-      hook(step + 1)
+    init = init_state_fn(networks, tx, data.image_size, data.image_channels)
+    rng = jax.random.PRNGKey(training.seed)
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: step_lib.replicated(mesh), abstract)
+    latest = manager.latest_step()
+    if latest is None:
+      state = jax.jit(init, out_shardings=state_sharding)(rng)
+    else:
+      logging.info('Resuming from checkpoint step %d in %s', latest,
+                   checkpoint.checkpoint_dir(workdir))
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_sharding)
+      state, data_restored = checkpoint.restore_train_state(manager, latest, target,
+                                                            data_iter)
+      if not data_restored:
+        logging.warning('Checkpoint %d has no data-iterator state for %d process(es); the '
+                        'data order starts afresh', latest, jax.process_count())
+      divergence.last_good = latest
+    start_step = int(jax.device_get(state.step))
 
-    done = step + 1
-    last = done == loop.num_steps
-    if done % loop.log_every == 0 or last:
-      host = [(s, jax.device_get(m)) for s, m in pending]
-      for s, m in host:
-        _check_finite(m, s)
-      elapsed = time.perf_counter() - window_start
-      scalars = {k: float(np.mean([m[k] for _, m in host]))
-                 for k in host[-1][1] if k != 'finite'}
-      scalars['learning_rate'] = float(host[-1][1]['learning_rate'])
-      scalars['steps_per_s'] = window_steps / max(elapsed, 1e-9)
-      scalars['images_per_s'] = scalars['steps_per_s'] * loop.batch_size
-      writer.write_scalars(done, scalars)
-      if on_log is not None:
-        on_log(done, scalars)
-      pending.clear()
-      window_start, window_steps = time.perf_counter(), 0
-    if image_summary_fn is not None and loop.image_every > 0 and (
-        done % loop.image_every == 0 or last):
-      images = image_summary_fn(state.ema_params['unet'], done)
-      if images:
-        writer.write_images(done, images)
-    if done % loop.checkpoint_every == 0 or last:
-      _check_finite(jax.device_get(metrics), done)
-      checkpoint.save(manager, done, state, data_iter.get_state())
-      logging.info('Saved checkpoint at step %d', done)
-  writer.flush()
-  manager.wait_until_finished()
-  manager.close()
-  return state
+    train_step = step_lib.jit_train_step(
+        mesh, state_sharding, networks=networks, tables=tables,
+        objective_args=objective, diffusion=diffusion, tx=tx, lr_fn=lr_fn,
+        ema_rate=training.ema_rate, microbatches=training.microbatches)
+    sharding = step_lib.batch_sharding(mesh)
+    validator = None
+    if validate and is_chief:
+      from cimd_jax.train import validation  # pylint: disable=g-import-not-at-top
+      validator = validation.Validator(workdir, data, model, diffusion, sampling, training)
+    if start_step == 0:
+      writer.write_hparams(config_args.flat(config))
+    hooks = [periodic_actions.ReportProgress(num_train_steps=training.num_steps,
+                                             writer=writer, every_secs=30.0)] if is_chief else []
+
+    logging.info('Training steps %d -> %d, global batch %d on %d device(s), %d process(es)',
+                 start_step, training.num_steps, training.batch_size, jax.device_count(),
+                 jax.process_count())
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    window_start = time.perf_counter()
+    metrics = None
+    for step in range(start_step, training.num_steps):
+      local = next(data_iter)
+      batch = pipeline.make_global_batch({k: local[k] for k in ('image', 'mask')}, sharding)
+      state, metrics = train_step(state, batch)
+      pending.append((step + 1, metrics))
+      # The previous step's metrics are read while this one runs: one step of lag
+      # keeps the host from stalling the device, and a NaN is still named exactly.
+      if len(pending) > 1:
+        _check_finite(jax.device_get(pending[-2][1]), pending[-2][0], divergence)
+      for hook in hooks:
+        hook(step + 1)
+
+      done = step + 1
+      last = done == training.num_steps
+      stop = should_stop is not None and should_stop()
+      if done % training.log_every == 0 or last or stop:
+        host = [(s, jax.device_get(m)) for s, m in pending]
+        for s, m in host:
+          _check_finite(m, s, divergence)
+        scalars = _window_scalars(host, training.batch_size,
+                                  time.perf_counter() - window_start)
+        writer.write_scalars(done, scalars)
+        if on_log is not None:
+          on_log(done, scalars)
+        pending.clear()
+        window_start = time.perf_counter()
+      scores = None
+      if validate and (done % training.eval_every == 0 or last):
+        scores = _validate(validator, state, done, writer)
+      if scores is not None or last or stop or manager.should_save(done):
+        _check_finite(jax.device_get(metrics), done, divergence)
+        checkpoint.save(manager, done, state, data_iter, config, metrics=scores)
+        divergence.last_good = done
+        logging.info('Saving checkpoint at step %d', done)
+      if stop:
+        logging.warning('Stop requested: saved a checkpoint at step %d and stopped', done)
+        break
+    manager.wait_until_finished()
+    return state
+  finally:
+    writer.flush()
+    writer.close()
+    manager.close()
+
+
+def _validate(validator, state: state_lib.TrainState, step: int, writer
+              ) -> dict[str, float] | None:
+  """Runs validation on process 0 and writes it; returns the scores saved with the
+  checkpoint (BEST_KEY included), the same on every process."""
+  scores = None
+  if validator is not None:
+    started = time.perf_counter()
+    result = validator(_local(state.ema_params['unet']), step)
+    writer.write_scalars(step, result.scalars)
+    writer.write_histograms(step, result.histograms)
+    writer.write_images(step, result.images)
+    logging.info('Validation at step %d (%.1f s): %s', step, time.perf_counter() - started,
+                 ', '.join(f'{k[4:]}={v:.4f}' for k, v in result.scalars.items()))
+    scores = {k.removeprefix('val/'): v for k, v in result.scalars.items()}
+  if jax.process_count() > 1:
+    value = np.float32(scores['score'] if scores else np.nan)
+    value = float(multihost_utils.broadcast_one_to_all(value))
+    scores = scores or {}
+    scores['score'] = value
+  if scores is not None:
+    scores[checkpoint.BEST_KEY] = scores.pop('score')
+  return scores
+
+
+def _check_finite(metrics: dict[str, Any], step: int, divergence: _Divergence) -> None:
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss) or float(metrics['finite']) < 1.0:
+    raise divergence.error(step, loss)

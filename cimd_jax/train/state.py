@@ -1,7 +1,6 @@
 """The train state (the one owner of everything that changes during training) and the
 optimizer built from explicit arguments."""
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -9,14 +8,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cimd_jax.train.args import TrainingArgs
+
+# Which parameter groups stay at their initial values in each ambiguity mode
+# (models.build.AMBIGUITY_MODES).
+FROZEN_NETWORKS = {'trained': (), 'frozen': ('amn', 'acn'), 'target': ('amn',), 'off': ()}
+
 
 @flax.struct.dataclass
 class TrainState:
   """Everything a training step reads and writes.
 
   step: int32 scalar, the number of optimizer updates applied.
-  params: {'unet', 'amn', 'acn'} float32 parameter trees.
-  opt_state: optax state of all three networks' parameters.
+  params: {'unet', 'amn', 'acn'} float32 parameter trees ('unet' only when the
+    ambiguity networks are off).
+  opt_state: optax state of the parameters.
   ema_params: exponential moving average of `params` (used to sample).
   rng: PRNG key; step k uses `fold_in(rng, k)`.
   """
@@ -27,24 +33,9 @@ class TrainState:
   rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerArgs:
-  """AdamW with warm-up, a constant or cosine schedule and global-norm clipping."""
-  learning_rate: float = 1e-4
-  lr_schedule: str = 'constant'   # 'constant' | 'cosine'
-  warmup_steps: int = 0
-  num_steps: int = 100_000
-  weight_decay: float = 0.0
-  grad_clip_norm: float = 1.0     # <= 0 disables clipping
-
-  def __post_init__(self):
-    if self.lr_schedule not in ('constant', 'cosine'):
-      raise ValueError("training.lr_schedule must be 'constant' or 'cosine', "
-                       f'got {self.lr_schedule!r}')
-
-
-def learning_rate_schedule(args: OptimizerArgs) -> optax.Schedule:
-  """Linear warm-up from 0 to `learning_rate`, then constant or cosine decay to 0."""
+def learning_rate_schedule(args: TrainingArgs) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then constant or cosine decay to 0
+  at `num_steps`."""
   warmup = max(int(args.warmup_steps), 0)
   if args.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(args.learning_rate, max(args.num_steps - warmup, 1))
@@ -56,13 +47,25 @@ def learning_rate_schedule(args: OptimizerArgs) -> optax.Schedule:
       [optax.linear_schedule(0.0, args.learning_rate, warmup), decay], [warmup])
 
 
-def make_optimizer(args: OptimizerArgs) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW on the schedule of `args`."""
+def make_optimizer(args: TrainingArgs, ambiguity: str = 'trained'
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping and AdamW on the schedule of `args`, over the trained
+  networks; the networks `FROZEN_NETWORKS[ambiguity]` get no update at all (no
+  weight decay either)."""
   parts = []
-  if args.grad_clip_norm and args.grad_clip_norm > 0:
+  if args.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(args.grad_clip_norm))
   parts.append(optax.adamw(learning_rate_schedule(args), weight_decay=args.weight_decay))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  frozen = FROZEN_NETWORKS[ambiguity]
+  if not frozen:
+    return tx
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _, n=name: 'frozen' if n in frozen else 'trained',
+                               tree)
+            for name, tree in params.items()}
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,

@@ -14,12 +14,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cimd_jax.diffusion.args import DiffusionArgs
 from cimd_jax.diffusion.schedule import DiffusionTables
 from cimd_jax.models.build import Networks
 from cimd_jax.train import objective
 from cimd_jax.train.state import TrainState, ema_update
 
 DATA_AXIS = 'data'
+NUM_QUARTILES = 4
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -43,11 +45,25 @@ def tree_norm(tree: Any) -> jax.Array:
   return optax.tree.norm(tree)
 
 
+def quartile_sums(mse: jax.Array, t: jax.Array, num_timesteps: int) -> dict[str, jax.Array]:
+  """Sum of `mse` [B] and count of examples per quarter of the timesteps
+  (`t * 4 // T`): {'mse_q0_sum', 'q0_count', ...}; float32 scalars."""
+  quartile = (t * NUM_QUARTILES) // num_timesteps
+  out = {}
+  for q in range(NUM_QUARTILES):
+    member = (quartile == q).astype(jnp.float32)
+    out[f'mse_q{q}_sum'] = jnp.sum(mse * member)
+    out[f'q{q}_count'] = jnp.sum(member)
+  return out
+
+
 def batch_gradients(state: TrainState, batch: dict[str, jax.Array],
                     example_ids: jax.Array, *, networks: Networks, tables: DiffusionTables,
-                    objective_args: objective.ObjectiveArgs) -> tuple[Any, dict[str, jax.Array]]:
-  """Gradients of the mean loss over `batch` w.r.t. all params, and the mean terms.
+                    objective_args: objective.ObjectiveArgs, diffusion: DiffusionArgs
+                    ) -> tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]:
+  """(gradients of the mean loss over `batch`, mean terms, per-quartile MSE sums).
 
+  Mean terms: loss, mse, vlb, kl over `batch`; sums: see `quartile_sums`.
   `example_ids` int [B]: each example's index in the global batch (its t and eps come
   from `fold_in(step key, id)`); the step key is `fold_in(state.rng, state.step)`.
   """
@@ -55,46 +71,58 @@ def batch_gradients(state: TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     terms = objective.loss_terms(params, networks, tables, batch, step_rng,
-                                 objective_args, train=True, example_ids=example_ids)
-    means = {k: jnp.mean(v) for k, v in terms.items()}
-    return means['loss'], means
+                                 objective_args, diffusion, train=True,
+                                 example_ids=example_ids)
+    means = {k: jnp.mean(terms[k]) for k in (*objective.TERMS, 'loss')}
+    return means['loss'], (means, quartile_sums(terms['mse'], terms['t'],
+                                                tables.num_timesteps))
 
-  return jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (means, sums) = jax.grad(loss_fn, has_aux=True)(state.params)
+  return grads, means, sums
 
 
-def apply_gradients(state: TrainState, grads: Any, means: dict[str, jax.Array], *,
-                    tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
-                    ema_rate: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """The optimizer and EMA update from `grads`; returns (new state, scalar metrics)."""
+def apply_gradients(state: TrainState, grads: Any, means: dict[str, jax.Array],
+                    sums: dict[str, jax.Array], *, tx: optax.GradientTransformation,
+                    lr_fn: Callable[[Any], Any], ema_rate: float
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer and EMA update from `grads`; returns (new state, scalar metrics):
+  the mean terms, the quartile sums, grad_norm, param_norm, learning_rate and
+  finite (1.0 when the loss and every new parameter are finite)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      ema_params=ema_update(state.ema_params, params, ema_rate),
-  )
-  metrics = dict(means)
+  ema_params = ema_update(state.ema_params, params, ema_rate)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_params)
+  metrics = {**means, **sums}
   metrics['grad_norm'] = tree_norm(grads)
   metrics['param_norm'] = tree_norm(params)
   metrics['learning_rate'] = jnp.asarray(lr_fn(state.step), jnp.float32)
-  metrics['finite'] = jnp.isfinite(means['loss']).astype(jnp.float32)
+  metrics['finite'] = jnp.logical_and(
+      jnp.isfinite(means['loss']),
+      jnp.logical_and(all_finite(params), all_finite(ema_params))).astype(jnp.float32)
   return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every leaf of `tree` is finite (bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, networks: Networks,
                tables: DiffusionTables, objective_args: objective.ObjectiveArgs,
-               tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
-               ema_rate: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update of all three networks on `batch` (global, sharded).
+               diffusion: DiffusionArgs, tx: optax.GradientTransformation,
+               lr_fn: Callable[[Any], Any], ema_rate: float
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update of the trained networks on `batch` (global, sharded).
 
-  Returns the new state and scalar metrics: loss, mse, vlb, kl (batch means),
-  grad_norm, param_norm, learning_rate, finite (1.0 when the loss is finite).
+  Returns the new state and scalar metrics (see `apply_gradients`).
   """
   global_batch = batch['image'].shape[0]
-  grads, means = batch_gradients(state, batch, jnp.arange(global_batch), networks=networks,
-                                 tables=tables, objective_args=objective_args)
-  return apply_gradients(state, grads, means, tx=tx, lr_fn=lr_fn, ema_rate=ema_rate)
+  grads, means, sums = batch_gradients(
+      state, batch, jnp.arange(global_batch), networks=networks, tables=tables,
+      objective_args=objective_args, diffusion=diffusion)
+  return apply_gradients(state, grads, means, sums, tx=tx, lr_fn=lr_fn, ema_rate=ema_rate)
 
 
 class MicrobatchedTrainStep:
@@ -112,12 +140,13 @@ class MicrobatchedTrainStep:
 
   def __init__(self, mesh: Mesh, state_sharding: Any, microbatches: int, *,
                networks: Networks, tables: DiffusionTables,
-               objective_args: objective.ObjectiveArgs, tx: optax.GradientTransformation,
-               lr_fn: Callable[[Any], Any], ema_rate: float):
+               objective_args: objective.ObjectiveArgs, diffusion: DiffusionArgs,
+               tx: optax.GradientTransformation, lr_fn: Callable[[Any], Any],
+               ema_rate: float):
     self.microbatches = microbatches
     k = microbatches
     grads_fn = functools.partial(batch_gradients, networks=networks, tables=tables,
-                                 objective_args=objective_args)
+                                 objective_args=objective_args, diffusion=diffusion)
     data, rep = batch_sharding(mesh), replicated(mesh)
 
     def take(batch, i):
@@ -126,8 +155,11 @@ class MicrobatchedTrainStep:
 
     def accumulate(state, total, chunk, i):
       size = chunk['image'].shape[0]
-      grads, means = grads_fn(state, chunk, jnp.arange(size) * k + i)
-      return jax.tree.map(lambda a, b: a + b / k, total, (grads, means))
+      grads, means, sums = grads_fn(state, chunk, jnp.arange(size) * k + i)
+      # Gradients and means average over the k micro-batches; sums add up.
+      return (jax.tree.map(lambda a, b: a + b / k, total[0], grads),
+              jax.tree.map(lambda a, b: a + b / k, total[1], means),
+              jax.tree.map(lambda a, b: a + b, total[2], sums))
 
     def zeros(state, chunk):
       shapes = jax.eval_shape(grads_fn, state, chunk, jnp.arange(chunk['image'].shape[0]))

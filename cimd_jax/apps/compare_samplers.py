@@ -8,30 +8,32 @@ import os
 import time
 from typing import Any
 
-from cimd_jax import sample
+from cimd_jax import settings as settings_lib
+from cimd_jax.apps import sampling
 
 DEFAULT_CANDIDATES = (('ddpm', ''), ('ddpm', '100'), ('ddpm', '50'), ('ddim', 'ddim50'),
                       ('ddim', 'ddim25'))
 
 
-def compare(setup: sample.SampleSetup, workdir: str,
+def compare(settings: settings_lib.Settings, workdir: str, overrides: set[str],
             candidates: tuple[tuple[str, str], ...] = DEFAULT_CANDIDATES,
             tolerance: float = 0.02) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """Evaluates each (sampler, steps) on the eval split; returns (rows, recommendation)."""
+  """Evaluates each (sampler, steps) on sampling.split; returns (rows, recommendation).
+  Each sampler's masks go to WORKDIR/samplers/<name>/."""
   rows = []
   for kind, steps in candidates:
-    name = f'{kind}{steps or len(setup.betas)}' if not steps.startswith('ddim') else steps
-    sampler = dataclasses.replace(setup.sampler, sampler=kind, steps=steps)
-    out_dir = os.path.join(workdir, 'samplers', name)
+    name = steps if steps.startswith('ddim') else f'{kind}{steps or settings.diffusion.num_timesteps}'
+    run = dataclasses.replace(settings, sampling=dataclasses.replace(
+        settings.sampling, sampler=kind, steps=steps,
+        output_dir=os.path.join(workdir, 'samplers', name)))
     t = time.perf_counter()
-    _, result, _ = sample.evaluate_cases(
-        dataclasses.replace(setup, sampler=sampler, output_dir=out_dir), workdir)
+    _, result, _ = sampling.evaluate_cases(run, workdir, overrides)
     seconds = time.perf_counter() - t
-    num_steps = sample.sampling_tables(setup.betas, steps, kind).num_timesteps
+    num_steps = run.sampling.tables(run.diffusion.betas()).num_timesteps
     rows.append({'name': name, 'sampler': kind, 'steps': num_steps,
                  'seconds': seconds, 'num_images': result['num_images'],
                  'num_samples': result['num_samples'],
-                 **{k: result['metrics'][k]['mean'] for k in sample.METRIC_KEYS}})
+                 **{k: result['metrics'][k]['mean'] for k in sampling.SCORE_KEYS}})
   return rows, recommend(rows, tolerance)
 
 

@@ -1,4 +1,6 @@
-r"""Metrics for ambiguous segmentation: CI score, GED, HM-IoU, Dice/IoU, uncertainty maps.
+r"""Metrics for ambiguous segmentation: CI score, GED, HM-IoU, Dice/IoU, uncertainty maps
+(over 250 lines because the exactness argument below covers the packing, the kernel
+and the host matching together).
 
 Per image there are M expert masks `Y_1..Y_M` (`gts`, bool `[M, H, W]`) and N predicted
 masks `P_1..P_N` (`preds`, bool `[N, H, W]`); M and N may differ. With P = H·W pixels:

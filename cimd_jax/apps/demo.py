@@ -8,8 +8,6 @@ The report compares the trained model with two baselines on the same test images
     model could do).
 """
 
-import dataclasses
-import json
 import os
 import shutil
 import time
@@ -19,19 +17,13 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from cimd_jax import calibration
-from cimd_jax import metrics
-from cimd_jax import sample
+from cimd_jax.apps import sampling
+from cimd_jax.evaluation import calibration
+from cimd_jax.evaluation import metrics
+from cimd_jax.evaluation import reports
 
 REPORT_KEYS = ('ci', 'sc', 'dmax', 'da', 'ged', 'hm_iou')
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSetup:
-  """What the demo runs: a training function and the evaluation arguments."""
-  train_fn: Callable[[], Any]          # trains (or resumes) to the configured step
-  eval_setup: sample.SampleSetup
-  num_overviews: int = 4
+NUM_OVERVIEWS = 4
 
 
 def deterministic_baseline(masks: np.ndarray) -> np.ndarray:
@@ -40,31 +32,19 @@ def deterministic_baseline(masks: np.ndarray) -> np.ndarray:
   return np.repeat(majority[None], len(masks), 0)
 
 
-def _summary(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  return {k: {kk: float(vv) for kk, vv in v.items()}
-          for k, v in metrics.summarize(per_image).items()}
-
-
 def _score(gts: list[np.ndarray], preds: list[np.ndarray]) -> dict[str, dict[str, float]]:
   per_image = metrics.evaluate(np.stack(gts), np.stack(preds))
-  return _summary({k: np.asarray(per_image[k]) for k in sample.METRIC_KEYS})
+  return reports.summarize({k: np.asarray(per_image[k]) for k in sampling.SCORE_KEYS})
 
 
 def calibration_summary(cases_masks: list[tuple[Any, np.ndarray]]
                         ) -> tuple[dict, np.ndarray, np.ndarray]:
   """(calibration.summarize dict, truth [S], sampled [S]) over every structure of every
-  case; empty when the cases carry no structure truth (real data)."""
-  truth, sampled = [], []
-  for case, masks in cases_masks:
-    extras = case.extras or {}
-    if 'structures' not in extras:
-      return {}, np.array([]), np.array([])
-    t, s = calibration.structure_frequencies(masks, extras['structures'],
-                                             extras['structure_probs'])
-    truth.append(t)
-    sampled.append(s)
-  truth, sampled = np.concatenate(truth), np.concatenate(sampled)
-  return calibration.summarize(truth, sampled), truth, sampled
+  (case, masks) pair; empty when the cases carry no structure truth (real data)."""
+  if not cases_masks or any('structures' not in (c.extras or {}) for c, _ in cases_masks):
+    return {}, np.array([]), np.array([])
+  return calibration.over_cases([(c.extras['structures'], c.extras['structure_probs'], m)
+                                 for c, m in cases_masks])
 
 
 def oracle_draws(data_args: Any, split: str, num_cases: int, num_samples: int,
@@ -134,34 +114,37 @@ def format_report(report: dict[str, Any], workdir: str, timings: dict[str, float
   return '\n'.join(lines)
 
 
-def run_demo(setup: DemoSetup, workdir: str) -> dict[str, Any]:
-  """Trains, evaluates and writes WORKDIR/report/; returns the report dict."""
+def run_demo(train_fn: Callable[[], Any],
+             evaluate_fn: Callable[..., tuple[list, dict[str, Any], str]],
+             data_args: Any, split: str, num_samples: int, seed: int, workdir: str
+             ) -> dict[str, Any]:
+  """Trains (`train_fn()`), evaluates (`evaluate_fn(on_results=...)`, see
+  sampling.evaluate_cases) and writes WORKDIR/report/; returns the report dict."""
   timings = {}
   t0 = time.perf_counter()
   logging.info('Demo step 1/3: training (resumes if %s has checkpoints)', workdir)
-  setup.train_fn()
+  train_fn()
   timings['train'] = time.perf_counter() - t0
   t1 = time.perf_counter()
-  logging.info('Demo step 2/3: sampling N=%d masks per test image', setup.eval_setup.num_samples)
-  results, model_metrics, eval_dir = sample.evaluate_cases(setup.eval_setup, workdir)
+  logging.info('Demo step 2/3: sampling N=%d masks per test image', num_samples)
+  results, model_metrics, eval_dir = evaluate_fn()
   timings['evaluate'] = time.perf_counter() - t1
   logging.info('Demo step 3/3: baselines, calibration and report')
-  es = setup.eval_setup
-  report, truth, sampled = build_report(results, model_metrics, es.data, es.split,
-                                        es.num_samples, es.seed)
+  report, truth, sampled = build_report(results, model_metrics, data_args, split,
+                                        num_samples, seed)
   report.update({k: model_metrics[k] for k in ('checkpoint_step', 'sampler', 'steps')})
   timings['total'] = time.perf_counter() - t0
   report['timings_s'] = timings
   report_dir = os.path.join(workdir, 'report')
   os.makedirs(report_dir, exist_ok=True)
-  with open(os.path.join(report_dir, 'metrics.json'), 'w') as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+  reports.write_json(os.path.join(report_dir, 'metrics.json'), report)
   if len(truth):
-    Image.fromarray(calibration.calibration_plot(truth, sampled)).save(
-        os.path.join(report_dir, 'calibration.png'))
-  for case, _ in results[:setup.num_overviews]:
-    src = os.path.join(eval_dir, sample._safe_name(case.case_id), 'overview.png')  # pylint: disable=protected-access
+    Image.fromarray(calibration.calibration_plot(truth, sampled, num_samples=num_samples)
+                    ).save(os.path.join(report_dir, 'calibration.png'))
+  folders = reports.case_folder_names([c.case_id for c, _ in results])
+  for folder in folders[:NUM_OVERVIEWS]:
+    src = os.path.join(eval_dir, folder, 'overview.png')
     if os.path.exists(src):
-      shutil.copy(src, os.path.join(report_dir, f'overview_{sample._safe_name(case.case_id)}.png'))  # pylint: disable=protected-access
+      shutil.copy(src, os.path.join(report_dir, f'overview_{folder}.png'))
   print(format_report(report, workdir, timings), flush=True)
   return report

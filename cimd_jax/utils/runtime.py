@@ -8,14 +8,23 @@ from absl import logging
 import jax
 
 _CHATTY_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
+# A process of a multi-process job that stops heartbeating (killed, out of memory) is
+# declared dead by the coordination service after this long, and the job ends.
+HEARTBEAT_TIMEOUT_S = 30
+
+
+# Warnings that describe intended behaviour (read-only managers for sampling).
+_EXPECTED_WARNINGS = ('read_only=True, setting save_interval_steps=0',
+                      'Given directory is read only')
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO lines from libraries that log every save, load and read."""
+  """Drops INFO lines from libraries that log every save, load and read, and the
+  library warnings in _EXPECTED_WARNINGS."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno >= py_logging.WARNING:
-      return True
+      return not any(text in str(record.msg) for text in _EXPECTED_WARNINGS)
     return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
 
 
@@ -50,7 +59,7 @@ def initialize_distributed(enable: bool, coordinator_address: str | None = None,
     kwargs['process_id'] = process_id
   if local_device_ids is not None:
     kwargs['local_device_ids'] = local_device_ids
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **kwargs)
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

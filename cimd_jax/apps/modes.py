@@ -1,0 +1,113 @@
+"""What each `--mode` of main.py does, given the typed settings and a workdir.
+
+  train             train (or resume) under a lock on the workdir
+  sample            masks for a split or a folder of images (apps/sampling.py)
+  evaluate          masks + metrics for a split
+  demo              train -> evaluate -> baselines and calibration report (apps/demo.py)
+  compare_samplers  one checkpoint scored with several samplers (apps/compare_samplers.py)
+
+`overrides` are the dotted config keys given on the command line: they decide which
+differences from a checkpoint's stored configuration are errors (settings.reconcile).
+"""
+
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+
+from cimd_jax import settings as settings_lib
+from cimd_jax.inference import restore
+from cimd_jax.train import loop
+from cimd_jax.utils import locking
+from cimd_jax.utils.errors import CheckpointNotFoundError
+
+MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers')
+
+
+def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
+        should_stop: Callable[[], bool] | None = None) -> Any:
+  """Runs `mode` (one of MODES) and returns its result."""
+  if mode == 'train':
+    return train(settings, workdir, overrides, should_stop)
+  if mode == 'sample':
+    from cimd_jax.apps import sampling  # pylint: disable=g-import-not-at-top
+    return sampling.run_sample(settings, workdir, overrides)
+  if mode == 'evaluate':
+    from cimd_jax.apps import sampling  # pylint: disable=g-import-not-at-top
+    return sampling.evaluate_cases(settings, workdir, overrides)[1]
+  if mode == 'demo':
+    return demo(settings, workdir, overrides, should_stop)
+  if mode == 'compare_samplers':
+    return compare_samplers(settings, workdir, overrides)
+  raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
+
+
+def workdir_lock(workdir: str) -> locking.FolderLock:
+  """The lock that makes one training run the only writer of `workdir`."""
+  return locking.FolderLock(os.path.join(os.path.abspath(workdir), '.lock'),
+                            f'workdir {os.path.abspath(workdir)}')
+
+
+def resume_settings(settings: settings_lib.Settings, workdir: str, overrides: set[str]
+                    ) -> settings_lib.Settings:
+  """The settings to train with: those given, with the model and diffusion of the
+  latest checkpoint when resuming (settings.reconcile)."""
+  try:
+    step, stored = restore.read_config(workdir, 'latest')
+  except CheckpointNotFoundError:
+    return settings
+  return settings_lib.reconcile(settings, stored, overrides,
+                                f'the checkpoint of step {step} in {workdir}')
+
+
+def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
+          should_stop: Callable[[], bool] | None = None):
+  """Trains (resuming from WORKDIR/checkpoints when present); returns the final state."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    settings = resume_settings(settings, workdir, overrides)
+    config = settings_lib.to_dict(settings)
+    if jax.process_index() == 0:
+      from cimd_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
+      reports.write_json(os.path.join(workdir, 'config.json'), config)
+    s = settings
+    return loop.train_and_evaluate(
+        workdir, data=s.data, model=s.model, diffusion=s.diffusion, objective=s.objective,
+        training=s.training, sampling=s.sampling, config=config, should_stop=should_stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def demo(settings: settings_lib.Settings, workdir: str, overrides: set[str],
+         should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+  """Train -> evaluate -> baselines and calibration -> WORKDIR/report/."""
+  from cimd_jax.apps import demo as demo_lib  # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import sampling  # pylint: disable=g-import-not-at-top
+
+  def evaluate_fn():
+    return sampling.evaluate_cases(settings, workdir, overrides)
+  s = settings.sampling
+  return demo_lib.run_demo(lambda: train(settings, workdir, overrides, should_stop),
+                           evaluate_fn, settings.data, s.split, s.num_samples, s.seed,
+                           workdir)
+
+
+def compare_samplers(settings: settings_lib.Settings, workdir: str, overrides: set[str]
+                     ) -> str:
+  """Scores DDPM-T, DDPM-100/50, DDIM-50/25 on sampling.split; writes and returns
+  WORKDIR/report/samplers.md."""
+  from cimd_jax.apps import compare_samplers as compare_lib  # pylint: disable=g-import-not-at-top
+  rows, rec = compare_lib.compare(settings, workdir, overrides)
+  table = compare_lib.markdown_table(rows, rec)
+  os.makedirs(os.path.join(workdir, 'report'), exist_ok=True)
+  path = os.path.join(workdir, 'report', 'samplers.md')
+  with open(path, 'w') as f:
+    f.write(table + '\n')
+  print(table, flush=True)
+  logging.info('Wrote %s', path)
+  return path

@@ -1,0 +1,245 @@
+"""`--mode=sample` and `--mode=evaluate`: ensembles from a checkpoint, written as files
+people can open (evaluation.reports), and scored (evaluation.metrics).
+
+Both write into a staging folder under a lock on the output folder and move it into
+place only when complete (utils.atomic), so a killed run never leaves a folder that
+mixes two runs, and two runs never write the same folder. In a multi-process job
+only process 0 samples and writes.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+import numpy as np
+import tqdm
+
+from cimd_jax.data import image_folder
+from cimd_jax.data import pipeline
+from cimd_jax.evaluation import metrics
+from cimd_jax.evaluation import reports
+from cimd_jax.inference import ensemble
+from cimd_jax.inference import restore
+from cimd_jax.models.build import unet_param_shapes
+from cimd_jax import settings as settings_lib
+from cimd_jax.utils import atomic
+from cimd_jax.utils import locking
+from cimd_jax.utils.errors import InputError
+
+SCORE_KEYS = ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou', 'dice_mean')
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One image to sample: image float [H, W, C] in [-1, 1], experts bool [A, H, W]
+  (None for unlabelled images), extras (synthetic: structures, structure_probs)."""
+  case_id: str
+  image: np.ndarray
+  experts: np.ndarray | None = None
+  extras: dict[str, np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A restored model ready to draw: the settings reconciled with the checkpoint."""
+  settings: settings_lib.Settings
+  params: Any
+  step: int
+  draw: ensemble.EnsembleFn
+
+
+def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) -> Prepared:
+  """Restores the checkpoint named by sampling.checkpoint and builds the ensemble
+  function, with the model and diffusion settings stored in the checkpoint."""
+  step, stored = restore.read_config(workdir, settings.sampling.checkpoint)
+  settings = settings_lib.reconcile(settings, stored, overrides,
+                                    f'the checkpoint of step {step} in {workdir}')
+  expected = unet_param_shapes(settings.model, settings.data.image_size,
+                               settings.data.image_channels)
+  restored = restore.restore_unet(workdir, step, settings.sampling.use_ema, expected)
+  draw = ensemble.make_ensemble_fn(settings.model, settings.data.image_size,
+                                   settings.diffusion, settings.sampling)
+  return Prepared(settings, restored.params, restored.step, draw)
+
+
+def dataset_cases(settings: settings_lib.Settings, workdir: str) -> list[Case]:
+  """The cases of sampling.split (its first sampling.max_images), all experts."""
+  pipeline.prepare(settings.data, workdir)
+  batches = pipeline.eval_batches(settings.data, workdir, settings.sampling.split,
+                                  batch_size=8, max_examples=settings.sampling.max_images)
+  cases = []
+  for batch in batches:
+    for i in range(len(batch['image'])):
+      extras = {k: np.asarray(v[i]) for k, v in batch.items()
+                if k not in ('image', 'masks', 'case_id')}
+      cid = batch['case_id'][i]
+      cases.append(Case(cid.decode() if isinstance(cid, bytes) else str(cid),
+                        np.asarray(batch['image'][i]), batch['masks'][i] > 0, extras))
+  return cases
+
+
+def folder_cases(settings: settings_lib.Settings) -> tuple[list[Case], list[str]]:
+  """Cases of sampling.input_dir and the messages of skipped bad images (without
+  sampling.skip_bad_inputs the first bad image raises InputError naming the file)."""
+  data, sampling = settings.data, settings.sampling
+  cases, skipped = [], []
+  found = image_folder.list_input_images(sampling.input_dir)
+  if sampling.max_images > 0:
+    found = found[:sampling.max_images]
+  for case_id, path in found:
+    try:
+      img = image_folder.read_input_image(case_id, path, data.image_size,
+                                          data.image_channels, data.resize)
+    except image_folder.BadInputImage as e:
+      if not sampling.skip_bad_inputs:
+        raise InputError(str(e)) from e
+      skipped.append(str(e))
+      continue
+    cases.append(Case(case_id, img.image))
+  return cases, skipped
+
+
+def draw_cases(cases: list[Case], prepared: Prepared, desc: str
+               ) -> Iterator[tuple[Case, np.ndarray]]:
+  """(case, masks bool [N, H, W]) for every case, images_per_chunk at a time, with a
+  progress bar on process 0."""
+  sampling = prepared.settings.sampling
+  per_call = sampling.images_per_chunk()
+  key = jax.random.PRNGKey(sampling.seed)
+  with tqdm.tqdm(total=len(cases), desc=desc, unit='image', dynamic_ncols=True,
+                 disable=jax.process_index() != 0) as bar:
+    for start in range(0, len(cases), per_call):
+      group = cases[start:start + per_call]
+      images = np.stack([c.image for c in group])
+      if len(group) < per_call:  # same shape every call: one compile
+        images = np.concatenate([images, np.repeat(images[-1:], per_call - len(group), 0)])
+      masks = prepared.draw(prepared.params, images, key, start)[:len(group)]
+      for case, m in zip(group, masks):
+        yield case, m
+      bar.update(len(group))
+
+
+def _manifest(prepared: Prepared, source: str, cases: list[Case], folders: list[str]
+              ) -> dict[str, Any]:
+  s = prepared.settings
+  return {
+      'checkpoint_step': prepared.step, 'use_ema': s.sampling.use_ema,
+      **s.sampling.describe(s.diffusion.num_timesteps),
+      'prediction': s.diffusion.prediction, 'variance': s.diffusion.variance,
+      'num_samples': s.sampling.num_samples, 'seed': s.sampling.seed, 'source': source,
+      'num_images': len(cases),
+      'cases': {c.case_id: f for c, f in zip(cases, folders)},
+      'config': settings_lib.to_dict(s), 'complete': False,
+  }
+
+
+def _write_all(stage: str, prepared: Prepared, cases: list[Case], folders: list[str],
+               desc: str) -> list[tuple[Case, np.ndarray]]:
+  results = []
+  for (case, masks), folder in zip(draw_cases(cases, prepared, desc), folders):
+    reports.write_case(os.path.join(stage, folder), case.image, masks, case.experts,
+                       title=case.case_id)
+    results.append((case, masks))
+  return results
+
+
+def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str]) -> str:
+  """Draws N masks per image of sampling.split or sampling.input_dir; returns the
+  output folder (one folder per case, manifest.json)."""
+  prepared = prepare(settings, workdir, overrides)
+  s = prepared.settings
+  if s.sampling.input_dir:
+    source = s.sampling.input_dir
+    cases, skipped = folder_cases(s)
+    name = os.path.basename(os.path.normpath(s.sampling.input_dir))
+  else:
+    source = f'split:{s.sampling.split}'
+    cases, skipped = dataset_cases(s, workdir), []
+    name = s.sampling.split
+  if not cases:
+    raise InputError(f'nothing to sample: {source} has no usable images')
+  out_dir = os.path.abspath(s.sampling.output_dir or os.path.join(workdir, 'samples', name))
+  folders = reports.case_folder_names([c.case_id for c in cases])
+  if jax.process_index() != 0:
+    return out_dir
+  with locking.FolderLock(atomic.lock_path(out_dir), f'output folder {out_dir}'):
+    staged = atomic.StagedFolder(out_dir)
+    try:
+      manifest = _manifest(prepared, source, cases, folders)
+      manifest['skipped'] = skipped
+      _write_all(staged.path, prepared, cases, folders, 'sampling')
+      manifest['complete'] = True
+      reports.write_json(os.path.join(staged.path, 'manifest.json'), manifest)
+      staged.commit()
+    finally:
+      staged.discard()
+  if skipped:
+    logging.warning('Skipped %d unreadable input image(s):\n  %s', len(skipped),
+                    '\n  '.join(skipped))
+  logging.info('Wrote %d case folder(s) to %s', len(folders), out_dir)
+  return out_dir
+
+
+def score(results: list[tuple[Case, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Per-image metrics (SCORE_KEYS, each float64 [B]) of sampled masks vs experts."""
+  per_image = metrics.evaluate(np.stack([c.experts for c, _ in results]),
+                               np.stack([m for _, m in results]))
+  return {k: np.asarray(per_image[k], np.float64) for k in SCORE_KEYS}
+
+
+def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set[str],
+                   on_results: Callable[[list, str], None] | None = None
+                   ) -> tuple[list[tuple[Case, np.ndarray]], dict[str, Any], str]:
+  """Samples N per image of sampling.split, writes the case folders, per_image.csv,
+  metrics.json and TensorBoard summaries.
+
+  `on_results(results, staging_folder)` may add files before the folder is moved
+  into place. Returns ([(case, masks bool [N, H, W])], metrics.json content, folder).
+  """
+  prepared = prepare(settings, workdir, overrides)
+  s = prepared.settings
+  cases = dataset_cases(s, workdir)
+  if not cases:
+    raise InputError(f'split {s.sampling.split!r} has no images to evaluate')
+  out_dir = os.path.abspath(s.sampling.output_dir or
+                            os.path.join(workdir, 'eval', s.sampling.split))
+  folders = reports.case_folder_names([c.case_id for c in cases])
+  with locking.FolderLock(atomic.lock_path(out_dir), f'output folder {out_dir}'):
+    staged = atomic.StagedFolder(out_dir)
+    try:
+      manifest = _manifest(prepared, f'split:{s.sampling.split}', cases, folders)
+      results = _write_all(staged.path, prepared, cases, folders, 'evaluating')
+      per_image = score(results)
+      reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
+                                  [c.case_id for c in cases], folders, per_image, SCORE_KEYS)
+      info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
+                                       'seed', 'use_ema', 'num_images', 'prediction')}
+      result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
+      reports.write_json(os.path.join(staged.path, 'metrics.json'), result)
+      if on_results is not None:
+        on_results(results, staged.path)
+      manifest['complete'] = True
+      reports.write_json(os.path.join(staged.path, 'manifest.json'), manifest)
+      staged.commit()
+    finally:
+      staged.discard()
+  _write_tensorboard(workdir, s.sampling.split, prepared.step, result, per_image)
+  logging.info('Evaluated %d images (N=%d): %s', len(cases), s.sampling.num_samples,
+               ', '.join(f'{k}={v["mean"]:.4f}' for k, v in result['metrics'].items()))
+  return results, result, out_dir
+
+
+def _write_tensorboard(workdir: str, split: str, step: int, result: dict[str, Any],
+                       per_image: dict[str, np.ndarray]) -> None:
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+  writer.write_scalars(step, {f'eval_{split}/{k}': v['mean']
+                              for k, v in result['metrics'].items()})
+  writer.write_histograms(step, {f'eval_{split}/per_image_ci': per_image['ci'],
+                                 f'eval_{split}/per_image_ged': per_image['ged']})
+  writer.flush()
+  writer.close()

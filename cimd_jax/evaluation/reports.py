@@ -1,0 +1,106 @@
+"""What sample and evaluate write, as files people can open.
+
+Per case (folder named by `case_folder_names`):
+  sample_00.png ... sample_{N-1}.png  uint8 0/255 masks at the image's size
+  mean.png   per-pixel foreground frequency over the N samples, 0..1 -> 0..255
+  std.png    per-pixel standard deviation of the N binary samples, 0..0.5 -> 0..255
+  overview.png  image | experts (when known) | samples | frequency and std maps
+Per run: manifest.json (checkpoint step, sampler, N, seed, config, case id -> folder,
+`complete: true` once everything is written); evaluate adds per_image.csv (one row
+per case: case_id, folder, metrics) and metrics.json (mean, std, standard error and
+count per metric, plus the run's description).
+"""
+
+import csv
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cimd_jax.evaluation import metrics
+from cimd_jax.utils import figures
+
+_SAFE = set('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.')
+
+
+def case_folder_names(case_ids: list[str]) -> list[str]:
+  """A distinct, file-system-safe folder name for every case id, in order.
+
+  A case id made only of letters, digits, '-', '_' and '.' (and not starting with
+  '.') is its own folder name. Any other id (spaces, '?', '/', ...) is made safe by
+  replacing those characters with '_' and appending '-' and 8 hex digits of its
+  SHA-1, so 'a b', 'a?b' and 'a_b' get three folders. Repeated ids get '-2', '-3'.
+  """
+  names, seen = [], set()
+  for cid in case_ids:
+    cid = str(cid)
+    safe = bool(cid) and not cid.startswith('.') and all(c in _SAFE for c in cid)
+    if safe:
+      name = cid
+    else:
+      base = ''.join(c if c in _SAFE else '_' for c in cid).lstrip('.') or 'case'
+      name = f'{base[:80]}-{hashlib.sha1(cid.encode()).hexdigest()[:8]}'
+    candidate, k = name, 1
+    while candidate in seen:
+      k += 1
+      candidate = f'{name}-{k}'
+    seen.add(candidate)
+    names.append(candidate)
+  return names
+
+
+def write_case(case_dir: str, image: np.ndarray, masks: np.ndarray,
+               experts: np.ndarray | None = None, title: str = '') -> None:
+  """Writes one case's files into `case_dir` (created).
+
+  Args:
+    image: float [H, W, C] in [-1, 1].
+    masks: bool [N, H, W] sampled masks.
+    experts: bool [A, H, W] expert masks, or None.
+  """
+  os.makedirs(case_dir, exist_ok=True)
+  masks = np.asarray(masks, bool)
+  for i, m in enumerate(masks):
+    Image.fromarray(figures.mask_to_uint8(m)).save(os.path.join(case_dir, f'sample_{i:02d}.png'))
+  freq = masks.mean(0)
+  Image.fromarray(np.round(freq * 255).astype(np.uint8)).save(os.path.join(case_dir, 'mean.png'))
+  Image.fromarray(np.round(np.clip(masks.std(0) * 510, 0, 255)).astype(np.uint8)).save(
+      os.path.join(case_dir, 'std.png'))
+  Image.fromarray(figures.overview(image, masks, experts, title=title)).save(
+      os.path.join(case_dir, 'overview.png'))
+
+
+def read_case_masks(case_dir: str) -> np.ndarray:
+  """Every sample PNG of a case folder as bool [N, H, W] (for re-checking metrics)."""
+  names = sorted(n for n in os.listdir(case_dir)
+                 if n.startswith('sample_') and n.endswith('.png'))
+  return np.stack([np.asarray(Image.open(os.path.join(case_dir, n))) > 127 for n in names])
+
+
+def write_json(path: str, content: dict[str, Any]) -> None:
+  with open(path, 'w') as f:
+    json.dump(content, f, indent=2, sort_keys=True, default=str)
+
+
+def summarize(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+  """{metric: {'mean', 'std', 'sem', 'count'}}: metrics.summarize plus the standard
+  error of the mean, std / sqrt(count)."""
+  out = {}
+  for key, stats in metrics.summarize(per_image).items():
+    stats = dict(stats)
+    stats['sem'] = (stats['std'] / np.sqrt(stats['count'])) if stats['count'] else float('nan')
+    out[key] = {k: (int(v) if k == 'count' else float(v)) for k, v in stats.items()}
+  return out
+
+
+def write_per_image_csv(path: str, case_ids: list[str], folders: list[str],
+                        per_image: dict[str, np.ndarray], keys: tuple[str, ...]) -> None:
+  """One row per case: case_id, folder, then each metric of `keys` (8 decimals)."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['case_id', 'folder', *keys])
+    for i, (cid, folder) in enumerate(zip(case_ids, folders)):
+      writer.writerow([cid, folder, *[f'{float(per_image[k][i]):.8f}' for k in keys]])

@@ -1,0 +1,163 @@
+"""The one place that builds the configuration: config groups -> typed arguments.
+
+Each config group maps 1:1 onto a frozen dataclass whose fields are the group's keys
+and whose `__post_init__` checks every value (a one-line ConfigError naming
+`group.key`):
+
+  data       cimd_jax.data.DataArgs
+  model      cimd_jax.models.ModelArgs
+  diffusion  cimd_jax.diffusion.DiffusionArgs
+  objective  cimd_jax.train.objective.ObjectiveArgs
+  training   cimd_jax.train.args.TrainingArgs
+  sampling   cimd_jax.inference.SamplingArgs
+
+The defaults of every key are the dataclass defaults (`default_config()`); config
+files in configs/ start from it and change what differs. Adding a setting touches
+one dataclass field (with its default and check) and nothing else.
+
+A checkpoint stores `to_dict(settings)`; sample, evaluate and resume rebuild the
+model from it (`reconcile`).
+"""
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import ml_collections
+
+from cimd_jax.data.args import DataArgs
+from cimd_jax.diffusion.args import DiffusionArgs
+from cimd_jax.inference.args import SamplingArgs
+from cimd_jax.models.build import ModelArgs
+from cimd_jax.train.args import TrainingArgs
+from cimd_jax.train.objective import ObjectiveArgs
+from cimd_jax.utils import config_args
+from cimd_jax.utils.errors import ConfigError
+
+GROUPS: dict[str, type] = {
+    'data': DataArgs,
+    'model': ModelArgs,
+    'diffusion': DiffusionArgs,
+    'objective': ObjectiveArgs,
+    'training': TrainingArgs,
+    'sampling': SamplingArgs,
+}
+# Keys a checkpoint fixes: the network's shape and the diffusion it was trained for.
+# Everything else (sampler, steps, N, seed, data source, training schedule, ...) may
+# change after training.
+FROZEN_GROUPS = ('model', 'diffusion')
+FROZEN_KEYS = ('data.image_size', 'data.image_channels')
+# Model keys that change nothing stored in the checkpoint (how the same network is
+# computed), so they may differ from the checkpoint's.
+COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every config group as its typed arguments."""
+  data: DataArgs
+  model: ModelArgs
+  diffusion: DiffusionArgs
+  objective: ObjectiveArgs
+  training: TrainingArgs
+  sampling: SamplingArgs
+
+  def __post_init__(self):
+    self.model.check_image_size(self.data.image_size)
+    self.diffusion.check_model(self.model.learn_sigma)
+    if self.sampling.steps:
+      self.sampling.tables(self.diffusion.betas())
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A ConfigDict with every group and key at its default value."""
+  return ml_collections.ConfigDict(
+      {name: config_args.as_dict(cls()) for name, cls in GROUPS.items()})
+
+
+def from_config(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Settings:
+  """Settings from a ConfigDict (or the dict of `to_dict`); ConfigError names an
+  unknown group or key (with the closest known one) or a value out of range."""
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for name in values:
+    if name not in GROUPS:
+      import difflib  # pylint: disable=g-import-not-at-top
+      close = difflib.get_close_matches(name, list(GROUPS), n=1)
+      raise ConfigError(f'unknown config group {name!r}' +
+                        (f'; did you mean {close[0]}?' if close else
+                         f'; the groups are {", ".join(GROUPS)}'))
+  return Settings(**{name: config_args.build_args(cls, name, values.get(name, {}) or {})
+                     for name, cls in GROUPS.items()})
+
+
+def to_dict(settings: Settings) -> dict[str, dict[str, Any]]:
+  """The settings as a JSON-ready dict {group: {key: value}} (stored in checkpoints)."""
+  return {name: config_args.as_dict(getattr(settings, name)) for name in GROUPS}
+
+
+def _frozen(key: str) -> bool:
+  group = key.split('.', 1)[0]
+  return (group in FROZEN_GROUPS or key in FROZEN_KEYS) and key not in COMPUTE_KEYS
+
+
+def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: set[str],
+              where: str) -> Settings:
+  """The settings to run with on a trained checkpoint.
+
+  The checkpoint's model and diffusion settings (and image size and channels) win:
+  a key that differs only because the config file says otherwise is taken from
+  the checkpoint (logged); a key the user set explicitly (`overrides`, dotted names
+  from the command line) to another value than the checkpoint's raises ConfigError
+  naming the key and both values. Keys that may change after training (sampling,
+  data source, training schedule, compute dtype) are kept as given.
+  `stored` None (old checkpoints): `current` unchanged.
+  """
+  if stored is None:
+    logging.warning('%s has no stored configuration (older checkpoint); using the given '
+                    'config unchecked', where)
+    return current
+  values = to_dict(current)
+  for group, keys in stored.items():
+    if group not in values:
+      continue
+    for key, old in keys.items():
+      name = f'{group}.{key}'
+      if not _frozen(name) or key not in values[group]:
+        continue
+      new = values[group][key]
+      if _same(new, old):
+        continue
+      if name in overrides:
+        raise ConfigError(
+            f'--config.{name}={_show(new)} contradicts {where}, which was trained with '
+            f'{name}={_show(old)}; only sampling.*, data sources, training schedule and '
+            'compute keys may change after training (drop the override, or train a new '
+            'workdir)')
+      logging.info('Using %s=%s from %s (the config file says %s)', name, _show(old), where,
+                   _show(new))
+      values[group][key] = old
+  return from_config(values)
+
+
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return list(a) == list(b)
+  return a == b
+
+
+def _show(value: Any) -> str:
+  return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file given by path (config files import each other
+  through this, so they work from any working directory)."""
+  spec = importlib.util.spec_from_file_location(
+      f'cimd_config_{os.path.splitext(os.path.basename(path))[0]}', path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f'cannot load config file {path}')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,59 @@
+"""Output folders that appear complete or not at all.
+
+`StagedFolder(final_dir)` gives a fresh staging folder next to `final_dir`
+(`.<name>.staging-<pid>`); the caller writes everything there and calls `commit()`,
+which moves any previous `final_dir` aside, renames the staging folder into place and
+deletes the previous one. A run killed before `commit()` leaves the previous results
+untouched (and its staging folder, removed by the next run on the same output);
+a re-run never mixes files of two runs (no stale `sample_15.png` beside 8 new masks,
+no old metrics.json beside new masks). Use it under a `locking.FolderLock` on the
+same output so that no other live process owns a staging folder.
+"""
+
+import glob
+import os
+import shutil
+
+from absl import logging
+
+
+def staging_prefix(final_dir: str) -> str:
+  parent, name = os.path.split(os.path.abspath(final_dir))
+  return os.path.join(parent, f'.{name}.staging-')
+
+
+def lock_path(final_dir: str) -> str:
+  """The lock file that guards `final_dir` and its staging folders."""
+  parent, name = os.path.split(os.path.abspath(final_dir))
+  return os.path.join(parent, f'.{name}.lock')
+
+
+class StagedFolder:
+  """A staging folder for `final_dir` (see the module docstring)."""
+
+  def __init__(self, final_dir: str):
+    self.final_dir = os.path.abspath(final_dir)
+    os.makedirs(os.path.dirname(self.final_dir), exist_ok=True)
+    for stale in glob.glob(glob.escape(staging_prefix(final_dir)) + '*'):
+      logging.info('Removing the unfinished output of an interrupted run: %s', stale)
+      shutil.rmtree(stale, ignore_errors=True)
+    self.path = staging_prefix(final_dir) + str(os.getpid())
+    os.makedirs(self.path)
+    self.committed = False
+
+  def commit(self) -> str:
+    """Puts the staged folder in place of `final_dir`; returns `final_dir`."""
+    old = None
+    if os.path.lexists(self.final_dir):
+      old = staging_prefix(self.final_dir) + f'{os.getpid()}.previous'
+      os.rename(self.final_dir, old)
+    os.rename(self.path, self.final_dir)
+    self.committed = True
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+    return self.final_dir
+
+  def discard(self) -> None:
+    """Removes the staging folder (nothing of this run reaches `final_dir`)."""
+    if not self.committed:
+      shutil.rmtree(self.path, ignore_errors=True)
