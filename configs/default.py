@@ -14,14 +14,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   data = config.data = ml_collections.ConfigDict()
-  data.name = 'synthetic'          # 'synthetic' (built in) | 'folder' (CIMD layout)
-  data.source_dir = ''             # folder datasets: ROOT with training/ and testing/
+  # 'synthetic' (built in) | 'folder' (CIMD layout) | 'lidc_pickle' (Prob. U-Net
+  # LIDC pickles) | 'lidc_hdf5' (PHiSeg LIDC file) | 'nifti' (volumes, several raters)
+  data.name = 'synthetic'
+  # folder/nifti: ROOT with training/ (and testing/); lidc_pickle: folder of
+  # *.pickle; lidc_hdf5: the .hdf5 file or its folder
+  data.source_dir = ''
   data.tfds_dir = ''               # prepared-dataset cache; '' -> WORKDIR/tfds
   data.image_size = 128            # H = W of records and of the model input
   data.image_channels = 1          # channels of the image b (LIDC 1, MS-MRI 4)
   data.num_annotators = 4          # expert masks per case (LIDC 4, MS-MRI 2)
-  data.mask_threshold = 127        # label pixel > threshold (of 255) is foreground
+  data.mask_threshold = 127        # folder: label pixel > threshold (of 255) is foreground
   data.resize = False              # resize images/masks that differ from image_size
+                                   # (not nifti: its slices are centre padded/cropped)
   data.validation_fraction = 0.0   # case-level fraction of training held out
   data.seed = 0                    # shuffling, expert draws, validation split
   data.worker_count = 0            # grain worker processes (0: in-process)
@@ -29,6 +34,24 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic_num_train = 2000
   data.synthetic_num_test = 64
   data.synthetic_seed = 1234
+  # lidc_pickle (and nifti without testing/): patient/case-level fraction held out
+  # as 'test' (seeded with data.seed; validation_fraction is then taken of the rest)
+  data.test_fraction = 0.2
+  # lidc_pickle: JSON {"train": [series_uid...], "validation": [...], "test": [...]}
+  # fixing the patient split ('' = seeded split from the fractions)
+  data.split_file = ''
+  # lidc_hdf5: (low, high) of float images, mapped to 0..255 (PHiSeg: image - 0.5)
+  data.hdf5_image_range = (-0.5, 0.5)
+  # nifti volumes and 16-bit/float folder images: per volume/image, clip to these
+  # percentiles and map linearly to 0..255 (8-bit images are kept as they are)
+  data.percentile_low = 0.5
+  data.percentile_high = 99.5
+  # nifti: one glob per MR sequence (= channel, count = image_channels) and one per
+  # rater (= annotator, count = num_annotators), each matching one file per case
+  data.nifti_image_patterns = ()   # e.g. ('*flair*.nii.gz', '*t1*.nii.gz')
+  data.nifti_rater_patterns = ()   # e.g. ('*mask1*.nii.gz', '*mask2*.nii.gz')
+  data.nifti_axis = 2              # nifti: slice along this voxel axis (0, 1, 2)
+  data.nifti_empty_fraction = 0.0  # nifti: fraction of unmarked slices kept (seeded)
 
   # ---------------------------------------------------------------- model
   model = config.model = ml_collections.ConfigDict()

@@ -36,6 +36,9 @@ import jax
 import numpy as np
 
 from cimd_jax.data import folder
+from cimd_jax.data import lidc_hdf5
+from cimd_jax.data import lidc_pickle
+from cimd_jax.data import nifti
 from cimd_jax.data import records
 from cimd_jax.data import synthetic
 from cimd_jax.data.args import DataArgs, TRAIN
@@ -44,28 +47,37 @@ _READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 _PREFETCH_BATCHES = 4
 
 
+# data.name -> the reader module: make_builder(args, tfds_dir) and, for sources
+# read from disk, validate(builder) (reads and checks everything; DataError).
+_READERS = {
+    'synthetic': synthetic,
+    'folder': folder,
+    'lidc_pickle': lidc_pickle,
+    'lidc_hdf5': lidc_hdf5,
+    'nifti': nifti,
+}
+
+
 def _builder(args: DataArgs, workdir: str):
   """The TFDS builder of `args` with its records under the cache directory."""
-  tfds_dir = args.cache_dir(workdir)
-  if args.name == 'synthetic':
-    return synthetic.make_builder(args, tfds_dir)
-  return folder.make_builder(args, tfds_dir)
+  return _READERS[args.name].make_builder(args, args.cache_dir(workdir))
 
 
 def prepare(args: DataArgs, workdir: str) -> dict[str, int]:
   """Writes the dataset's ArrayRecord files once (later calls reuse them).
 
   The cache is `args.tfds_dir` (or WORKDIR/tfds), under
-  `cimd_folder|cimd_synthetic/<config name>/1.0.0/`, where the config name encodes
-  a hash of every parameter that changes the records. Folder datasets are fully
-  validated (every file read) before anything is written.
+  `cimd_<reader>/<config name>/1.0.0/`, where the config name encodes a hash of
+  every parameter that changes the records. Datasets read from disk (every
+  `data.name` but 'synthetic') are fully validated (every file read) before
+  anything is written.
 
   Returns:
     split name -> number of examples.
   """
   builder = _builder(args, workdir)
-  if not records.is_complete(builder) and args.name == 'folder':
-    folder.validate(builder)
+  if not records.is_complete(builder) and hasattr(_READERS[args.name], 'validate'):
+    _READERS[args.name].validate(builder)
   return records.prepare_builder(builder)
 
 

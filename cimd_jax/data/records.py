@@ -27,6 +27,15 @@ import tensorflow_datasets as tfds
 VERSION = '1.0.0'
 
 
+class DataError(ValueError):
+  """Bad input data; the one-line message names the file (and key) and what was
+  expected. Also reachable as `folder.DataError`."""
+
+
+class SourceNotFoundError(DataError, FileNotFoundError):
+  """The source (folder, file or one of its split folders) does not exist."""
+
+
 class _DropCustomConfigWarning(logging.Filter):
   """TFDS warns 'Using custom data configuration' for every builder we make: all of
   ours are custom by design."""
