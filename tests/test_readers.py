@@ -593,6 +593,9 @@ def test_nifti_other_axis_and_case_level_split(tmp_path):
   root, vols = _make_nifti_source(tmp_path / 'src', train=('p1', 'p2', 'p3', 'p4', 'p5'),
                                   test=())
   assert not os.path.exists(os.path.join(root, 'testing'))
+  # A 4-D volume with a trailing axis of length 1 reads as 3-D.
+  nib.save(nib.Nifti1Image(vols['p1']['flair'][..., None], AFFINE),
+           os.path.join(root, 'training', 'p1', 'p1_flair.nii.gz'))
   args = DataArgs(name='nifti', source_dir=root, tfds_dir=str(tmp_path / 'tfds'),
                   image_size=28, image_channels=2, num_annotators=2, nifti_axis=0,
                   test_fraction=0.4, validation_fraction=0.34, seed=0, **NIFTI_PATTERNS)

@@ -23,7 +23,6 @@ Every record of every file is checked before anything is written; a bad one rais
 `DataError` naming the file, the record key and what was expected.
 """
 
-import dataclasses
 import hashlib
 import os
 import pickle
