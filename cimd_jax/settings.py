@@ -74,7 +74,8 @@ class Settings:
 def default_config() -> ml_collections.ConfigDict:
   """A ConfigDict with every group and key at its default value."""
   return ml_collections.ConfigDict(
-      {name: config_args.as_dict(cls()) for name, cls in GROUPS.items()})
+      {name: {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+       for name, cls in GROUPS.items()})
 
 
 def from_config(config: Mapping[str, Any] | ml_collections.ConfigDict) -> Settings:

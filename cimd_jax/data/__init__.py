@@ -1,4 +1,5 @@
-"""Datasets: TFDS builders (CIMD folder layout, built-in synthetic) and grain pipelines.
+"""Datasets: TFDS builders (CIMD folder layout, LIDC pickles, PHiSeg HDF5, NIfTI volumes,
+built-in synthetic) and grain pipelines.
 
 Importing this package is cheap: TFDS and grain load with `cimd_jax.data.pipeline`.
 """

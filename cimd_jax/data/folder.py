@@ -1,14 +1,17 @@
 """TFDS builder for the CIMD folder layout (LIDC crops as shipped by the official repo);
 over 250 lines because every check of the layout keeps its one-line error here.
 
-  ROOT/training/<case>/image_<k>.(jpg|jpeg|png)   the image (one file; or C single-
-                                                  channel files stacked as channels)
-  ROOT/training/<case>/label<i>_.(jpg|jpeg|png)   expert i = 0 .. A-1 (the '_' is optional)
-  ROOT/testing/<case>/...                         same, the 'test' split
+  ROOT/training/<case>/image_<k>.<ext>   the image (one file; or C single-channel
+                                         files stacked as channels)
+  ROOT/training/<case>/label<i>_.<ext>   expert i = 0 .. A-1 (the '_' is optional)
+  ROOT/testing/<case>/...                same, the 'test' split
 
 Cases are ordered by natural sort of the folder names ('2' before '10'); that is the
-record order of every split. A label pixel is foreground when > mask_threshold (127
-of 255: the masks are JPEGs, and `> 0` would add JPEG ringing as foreground).
+record order of every split; <ext> is jpg, jpeg, png, tif or tiff. A label pixel is
+foreground when > mask_threshold (127 of 255: the masks are JPEGs, and `> 0` would
+add JPEG ringing as foreground). Images wider than 8 bits (16-bit PNG/TIFF, float
+TIFF) are mapped to 8 bits per image by the percentile rule of `intensity`; 8-bit
+images are kept byte for byte.
 
 Everything is validated before anything is written: bad input raises `DataError` (a
 ValueError; `SourceNotFoundError` is also a FileNotFoundError) naming the case folder
@@ -24,25 +27,23 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cimd_jax.data import intensity
 from cimd_jax.data import records
+from cimd_jax.data.splits import natural_key  # re-exported: folder.natural_key
 from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
-from cimd_jax.utils.errors import UserError
 
 SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
-EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_IMAGE_RE = re.compile(r'^image_(\d+)\.(jpg|jpeg|png)$', re.IGNORECASE)
-_LABEL_RE = re.compile(r'^label(\d+)_?\.(jpg|jpeg|png)$', re.IGNORECASE)
-# Modes PIL gives 8-bit images in; anything else (16-bit, float) is rejected.
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
+_IMAGE_RE = re.compile(r'^image_(\d+)\.(jpg|jpeg|png|tif|tiff)$', re.IGNORECASE)
+_LABEL_RE = re.compile(r'^label(\d+)_?\.(jpg|jpeg|png|tif|tiff)$', re.IGNORECASE)
+# Modes PIL gives 8-bit images in (wider ones are mapped to L by `to_8bit`).
 _IMAGE_MODES = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
 _MASK_MODES = ('L', '1')
 
 
-class DataError(UserError, ValueError):
-  """Bad input data; the message names the folder/file and what was expected."""
-
-
-class SourceNotFoundError(DataError, FileNotFoundError):
-  """The source folder (or one of its split folders) does not exist."""
+# Defined in records.py (shared by every reader), exported here as before.
+DataError = records.DataError
+SourceNotFoundError = records.SourceNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,6 @@ class CaseFiles:
   folder: str
   images: tuple[str, ...]
   labels: tuple[str, ...]
-
-
-def natural_key(name: str) -> tuple:
-  """Sort key that orders digit runs numerically: '2' < '10', 'a2' < 'a10'."""
-  return tuple((0, int(part), '') if part.isdigit() else (1, 0, part)
-               for part in re.split(r'(\d+)', name) if part)
 
 
 def _where(folder: str, file: str | None = None) -> str:
@@ -91,7 +86,8 @@ def scan_case(folder: str, num_annotators: int) -> CaseFiles:
           f'{_where(folder, name)}: unrecognised file name; expected image_<k>.<ext> or '
           f'label<i>_.<ext> with <ext> one of {", ".join(EXTENSIONS)}')
   if not images:
-    raise DataError(f'{_where(folder)}: no image file; expected image_<k>.jpg/.png')
+    raise DataError(f'{_where(folder)}: no image file; expected image_<k>.<ext> with '
+                    f'<ext> one of {", ".join(EXTENSIONS)}')
   expected = set(range(num_annotators))
   missing, extra = sorted(expected - set(labels)), sorted(set(labels) - expected)
   if missing or extra:
@@ -162,7 +158,8 @@ def _load(folder: str, name: str) -> Image.Image:
       return img.copy()
   except Exception as e:  # PIL raises several types for broken or truncated files
     raise DataError(f'{_where(folder, name)}: cannot read image '
-                    f'({type(e).__name__}: {e}); expected a readable JPEG or PNG') from e
+                    f'({type(e).__name__}: {e}); expected a readable JPEG, PNG or TIFF'
+                    ) from e
 
 
 def _check_size(img: Image.Image, folder: str, name: str, args: DataArgs) -> None:
@@ -179,18 +176,58 @@ def _resized(img: Image.Image, size: int) -> Image.Image:
   return img.resize((size, size), Image.BILINEAR)
 
 
-def _as_8bit(img: Image.Image, folder: str, name: str) -> Image.Image:
-  """The image in an 8-bit mode of _IMAGE_MODES (palette/CMYK/... converted)."""
+# Modes of images wider than 8 bits: 16-bit grey (PNG, TIFF), 32-bit int, float.
+_WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
+
+
+def to_8bit(img: Image.Image, where: str, percentile_low: float,
+            percentile_high: float) -> Image.Image:
+  """The image in an 8-bit mode of _IMAGE_MODES (L, LA, RGB, RGBA).
+
+  8-bit images are returned unchanged (palette, 1-bit, CMYK and YCbCr converted by
+  PIL). Single-channel images wider than 8 bits (16-bit PNG/TIFF, 32-bit int,
+  float TIFF) are mapped to mode L by the per-image percentile rule of
+  `intensity.to_uint8`. `where` starts the one-line DataError of anything else.
+  """
   if img.mode == 'P':
     img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
   elif img.mode == '1':
     img = img.convert('L')
   elif img.mode in ('CMYK', 'YCbCr'):
     img = img.convert('RGB')
+  elif img.mode in _WIDE_MODES:
+    try:
+      u8 = intensity.to_uint8(np.asarray(img), percentile_low, percentile_high)
+    except intensity.NonFiniteError as e:
+      raise DataError(f'{where}: {e}; expected finite pixel values') from None
+    return Image.fromarray(u8, 'L')
   if img.mode not in _IMAGE_MODES:
-    raise DataError(f'{_where(folder, name)}: image mode {img.mode!r} is not 8-bit; '
-                    'expected an 8-bit grayscale or RGB(A) image')
+    raise DataError(f'{where}: image mode {img.mode!r} is not supported; expected an '
+                    '8-bit grayscale or RGB(A) image, or a single-channel 16-bit or '
+                    'float image')
   return img
+
+
+def match_channels(arr: np.ndarray, channels: int, where: str, mode: str) -> np.ndarray:
+  """uint8 [H, W, channels] from uint8 [H, W, K] by the folder layout's rule.
+
+  K == channels: unchanged; K == 1: replicated; channels == 1 and an RGB(A) image
+  with equal colour channels (and opaque alpha): its first channel. Anything else
+  (e.g. a colour image for channels=1) raises DataError starting with `where`.
+  """
+  have = arr.shape[-1]
+  if have == channels:
+    return arr
+  if have == 1:
+    return np.repeat(arr, channels, -1)
+  if channels == 1 and have in (3, 4):
+    gray = arr[..., :3]
+    opaque = have == 3 or bool(np.all(arr[..., 3] == 255))
+    if opaque and np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(
+        gray[..., 0], gray[..., 2]):
+      return gray[..., :1]
+  raise DataError(f'{where}: image has {have} channels ({mode}), expected {channels} '
+                  '(data.image_channels) or a single-channel image')
 
 
 def read_image(case: CaseFiles, args: DataArgs) -> tuple[np.ndarray, tuple[int, int]]:
@@ -199,7 +236,8 @@ def read_image(case: CaseFiles, args: DataArgs) -> tuple[np.ndarray, tuple[int, 
 
   One file: its channels must equal C, or be 1 (replicated to C), or be RGB(A) with
   equal colour channels (and opaque alpha) when C = 1. Several image files: each
-  single-channel, exactly C of them, stacked in order of <k>.
+  single-channel, exactly C of them, stacked in order of <k>. Images wider than 8
+  bits are mapped to 8 bits per file by the percentile rule (`to_8bit`).
   """
   c = args.image_channels
   folder = case.folder
@@ -216,27 +254,15 @@ def read_image(case: CaseFiles, args: DataArgs) -> tuple[np.ndarray, tuple[int, 
                       f'{case.images[0]} is {size[0]}x{size[1]}; expected equal sizes')
     size = img.size
     _check_size(img, folder, name, args)
-    arr = np.asarray(_resized(_as_8bit(img, folder, name), args.image_size), np.uint8)
+    img8 = to_8bit(img, _where(folder, name), args.percentile_low, args.percentile_high)
+    arr = np.asarray(_resized(img8, args.image_size), np.uint8)
     arr = arr[..., None] if arr.ndim == 2 else arr
     if len(case.images) > 1 and arr.shape[-1] != 1:
       raise DataError(f'{_where(folder, name)}: has {arr.shape[-1]} channels; with '
                       'several image files each must be single-channel')
     arrays.append(arr)
   arr = np.concatenate(arrays, -1)
-  have = arr.shape[-1]
-  if have == c:
-    return arr, size
-  if have == 1:
-    return np.repeat(arr, c, -1), size
-  if c == 1 and have in (3, 4):
-    gray = arr[..., :3]
-    opaque = have == 3 or bool(np.all(arr[..., 3] == 255))
-    if opaque and np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(
-        gray[..., 0], gray[..., 2]):
-      return gray[..., :1], size
-  raise DataError(f'{_where(folder, case.images[0])}: image has {have} channels '
-                  f'({img.mode}), expected {c} (data.image_channels) or a '
-                  'single-channel image')
+  return match_channels(arr, c, _where(folder, case.images[0]), img8.mode), size
 
 
 def read_mask(case: CaseFiles, name: str, image_wh: tuple[int, int],
@@ -290,6 +316,8 @@ def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[s
       'validation_fraction': args.validation_fraction,
       # The seed only changes the records through the validation split.
       'seed': args.seed if args.validation_fraction > 0 else None,
+      # Only change images wider than 8 bits (8-bit images are kept byte for byte).
+      'percentiles': (args.percentile_low, args.percentile_high),
       'format': records.VERSION,
   }
 

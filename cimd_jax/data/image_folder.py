@@ -11,6 +11,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from cimd_jax.data import folder
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 
@@ -47,33 +49,34 @@ def list_input_images(input_dir: str) -> list[tuple[str, str]]:
 
 
 def read_input_image(case_id: str, path: str, image_size: int, image_channels: int,
-                     resize: bool) -> InputImage:
-  """Reads one image as float32 [H, W, C] in [-1, 1]; BadInputImage names the file."""
+                     resize: bool, percentile_low: float = 0.5,
+                     percentile_high: float = 99.5) -> InputImage:
+  """Reads one image as float32 [H, W, C] in [-1, 1]; BadInputImage names the file.
+
+  The conversion is the folder reader's (`folder.to_8bit`, `folder.match_channels`):
+  images wider than 8 bits (16-bit, float) are mapped to 0..255 by the per-image
+  percentile rule with `percentile_low` / `percentile_high` (data.percentile_low /
+  data.percentile_high), a single-channel image is replicated to `image_channels`,
+  and a colour image with unequal channels for image_channels=1 is refused, as in
+  training; 8-bit images keep their values.
+  """
   try:
     with Image.open(path) as img:
       img.load()
-      if image_channels == 1:
-        img = img.convert('L')
-      elif img.mode not in ('L', 'RGB', 'RGBA'):
-        img = img.convert('RGB')
-      if img.size != (image_size, image_size):
-        if not resize:
-          raise BadInputImage(
-              f'{path}: image is {img.size[0]}x{img.size[1]}, expected '
-              f'{image_size}x{image_size} (set data.resize=True to resize)')
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-      arr = np.asarray(img, np.float32)
-  except BadInputImage:
-    raise
+      img = img.copy()
   except Exception as e:  # PIL raises several types for broken files
     raise BadInputImage(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
-  if arr.ndim == 2:
-    arr = arr[..., None]
-  if arr.shape[-1] == 1 and image_channels > 1:
-    arr = np.repeat(arr, image_channels, -1)
-  if arr.shape[-1] == 4 and image_channels == 3:
-    arr = arr[..., :3]
-  if arr.shape[-1] != image_channels:
-    raise BadInputImage(f'{path}: image has {arr.shape[-1]} channels, expected '
-                        f'{image_channels} (data.image_channels)')
-  return InputImage(case_id, path, arr / 127.5 - 1.0)
+  try:
+    if img.size != (image_size, image_size) and not resize:
+      raise BadInputImage(
+          f'{path}: image is {img.size[0]}x{img.size[1]}, expected '
+          f'{image_size}x{image_size} (set data.resize=True to resize)')
+    img8 = folder.to_8bit(img, path, percentile_low, percentile_high)
+    if img8.size != (image_size, image_size):
+      img8 = img8.resize((image_size, image_size), Image.BILINEAR)
+    arr = np.asarray(img8, np.uint8)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    arr = folder.match_channels(arr, image_channels, path, img8.mode)
+  except folder.DataError as e:
+    raise BadInputImage(str(e)) from None
+  return InputImage(case_id, path, arr.astype(np.float32) / 127.5 - 1.0)

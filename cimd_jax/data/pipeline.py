@@ -37,36 +37,49 @@ import jax
 import numpy as np
 
 from cimd_jax.data import folder
+from cimd_jax.data import lidc_hdf5
+from cimd_jax.data import lidc_pickle
+from cimd_jax.data import nifti
 from cimd_jax.data import records
 from cimd_jax.data import synthetic
 from cimd_jax.data.args import DataArgs, TRAIN
+from cimd_jax.utils.errors import ConfigError
 
 _READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 _PREFETCH_BATCHES = 4
 
 
+# data.name -> the reader module: make_builder(args, tfds_dir) and, for sources
+# read from disk, validate(builder) (reads and checks everything; DataError).
+_READERS = {
+    'synthetic': synthetic,
+    'folder': folder,
+    'lidc_pickle': lidc_pickle,
+    'lidc_hdf5': lidc_hdf5,
+    'nifti': nifti,
+}
+
+
 def _builder(args: DataArgs, workdir: str):
   """The TFDS builder of `args` with its records under the cache directory."""
-  tfds_dir = args.cache_dir(workdir)
-  if args.name == 'synthetic':
-    return synthetic.make_builder(args, tfds_dir)
-  return folder.make_builder(args, tfds_dir)
+  return _READERS[args.name].make_builder(args, args.cache_dir(workdir))
 
 
 def prepare(args: DataArgs, workdir: str) -> dict[str, int]:
   """Writes the dataset's ArrayRecord files once (later calls reuse them).
 
   The cache is `args.tfds_dir` (or WORKDIR/tfds), under
-  `cimd_folder|cimd_synthetic/<config name>/1.0.0/`, where the config name encodes
-  a hash of every parameter that changes the records. Folder datasets are fully
-  validated (every file read) before anything is written.
+  `cimd_<reader>/<config name>/1.0.0/`, where the config name encodes a hash of
+  every parameter that changes the records. Datasets read from disk (every
+  `data.name` but 'synthetic') are fully validated (every file read) before
+  anything is written.
 
   Returns:
     split name -> number of examples.
   """
   builder = _builder(args, workdir)
-  if not records.is_complete(builder) and args.name == 'folder':
-    folder.validate(builder)
+  if not records.is_complete(builder) and hasattr(_READERS[args.name], 'validate'):
+    _READERS[args.name].validate(builder)
   return records.prepare_builder(builder)
 
 
@@ -78,7 +91,7 @@ def _source(args: DataArgs, workdir: str, split: str):
     builder = _builder(args, workdir)
   splits = tuple(builder.info.splits.keys())
   if split not in splits:
-    raise ValueError(f'split {split!r} does not exist; this dataset has {splits}'
+    raise ConfigError(f'split {split!r} does not exist; this dataset has {splits}'
                      + (' (set data.validation_fraction > 0 for a validation split)'
                         if split == 'validation' else ''))
   return builder.as_data_source(split)
@@ -115,7 +128,7 @@ class _DrawExpert(grain.transforms.RandomMap):
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """The per-process batch; raises unless global_batch_size divides evenly."""
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not a positive multiple '
+    raise ConfigError(f'training.batch_size={global_batch_size} is not a positive multiple '
                      f'of the number of processes ({process_count})')
   return global_batch_size // process_count
 
@@ -134,7 +147,7 @@ def train_dataset(args: DataArgs, workdir: str, global_batch_size: int,
   source = _source(args, workdir, split)
   ds = grain.MapDataset.source(source)
   if len(ds) < process_count:
-    raise ValueError(f'split {split!r} has {len(ds)} examples, fewer than the '
+    raise records.DataError(f'split {split!r} has {len(ds)} examples, fewer than the '
                      f'{process_count} processes')
   # One global stream for all processes (same shuffle, same expert draws), cut into
   # chunks of the local batch size; process p takes chunks p, p + P, p + 2P, ...

@@ -24,7 +24,18 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cimd_jax.utils.errors import UserError
+
 VERSION = '1.0.0'
+
+
+class DataError(UserError, ValueError):
+  """Bad input data; the one-line message names the file (and key) and what was
+  expected. Also reachable as `folder.DataError`."""
+
+
+class SourceNotFoundError(DataError, FileNotFoundError):
+  """The source (folder, file or one of its split folders) does not exist."""
 
 
 class _DropCustomConfigWarning(logging.Filter):

@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 
 from cimd_jax.data import records
 from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
+from cimd_jax.utils.errors import ConfigError
 
 GENERATOR_VERSION = 1
 SPLIT_CODES = {TRAIN: 0, TEST: 1, VALIDATION: 2}
@@ -259,7 +260,7 @@ def split_sizes(args: DataArgs) -> dict[str, int]:
   generated split of round(fraction * synthetic_num_train) cases (>= 1); 'train'
   keeps synthetic_num_train cases."""
   if args.synthetic_num_train < 1 or args.synthetic_num_test < 1:
-    raise ValueError('data.synthetic_num_train and data.synthetic_num_test must be >= 1, '
+    raise ConfigError('data.synthetic_num_train and data.synthetic_num_test must be >= 1, '
                      f'got {args.synthetic_num_train} and {args.synthetic_num_test}')
   sizes = {TRAIN: args.synthetic_num_train, TEST: args.synthetic_num_test}
   if args.validation_fraction > 0:
@@ -309,7 +310,7 @@ class CimdSynthetic(records.CimdBuilder, skip_registration=True):
 def make_builder(args: DataArgs, tfds_dir: str) -> CimdSynthetic:
   """The builder of `args`."""
   if args.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f'synthetic data needs data.image_size >= {MIN_IMAGE_SIZE}, got '
+    raise ConfigError(f'synthetic data needs data.image_size >= {MIN_IMAGE_SIZE}, got '
                      f'{args.image_size}')
   params = builder_params(args)
   prefix = f's{args.image_size}_c{args.image_channels}_a{args.num_annotators}'

@@ -1,0 +1,468 @@
+"""TFDS builder for NIfTI volumes with several raters (`data.name='nifti'`), and the
+write-back of per-slice outputs as NIfTI volumes (over 250 lines because reading a
+slice and writing it back must use the same geometry: axis, padding, cropping).
+
+  ROOT/training/<case>/...   one file per MR sequence and one per rater -> 'train'
+  ROOT/testing/<case>/...    same -> 'test' (optional)
+
+Files are found by glob patterns on the file names (case-sensitive, fnmatch):
+`data.nifti_image_patterns` (one per sequence = image channel, in channel order)
+and `data.nifti_rater_patterns` (one per rater = annotator); each pattern must match
+exactly one file per case folder, and no file may match two patterns.
+
+Splits (case level, never by slice): 'test' is testing/ when it exists, else
+`data.test_fraction` of the training cases; 'validation' is
+`data.validation_fraction` of the remaining training cases; both seeded with
+`data.seed` (`splits.held_out_split`). A case name may not occur in both folders.
+
+Per case, all volumes must be 3-D (a trailing axis of length 1 is dropped) with the
+shape of the first sequence and its affine within `AFFINE_ATOL`. Each sequence is
+normalised over its whole volume by `intensity.to_uint8` (clip to the
+[data.percentile_low, data.percentile_high] percentiles, map to 0..255), so int16,
+uint16 and float volumes all work; a rater voxel > 0.5 is foreground. The volume
+is cut into 2-D slices along `data.nifti_axis` (slice = np.take(volume, k, axis),
+the two other axes in their order, no reorientation). Kept: every slice any rater
+marked, plus round(data.nifti_empty_fraction * n_empty) of the unmarked ones,
+drawn per case from `np.random.default_rng([seed, 0xE3D7, crc32(case)])`.
+
+Slices are centre padded (with 0) or centre cropped to image_size x image_size,
+each in-plane axis on its own (`fit`, inverse `unfit`); a crop that would drop a
+marked voxel is an error. Records:
+
+  image    uint8 [S, S, C]  the C sequences' slices
+  masks    uint8 [A, S, S]  the raters' slices
+  case_id  '<case>_<axis letter><index>', e.g. 'patient01_z57' (axis 0/1/2 = x/y/z)
+
+Everything is read and checked before anything is written; bad input raises
+`DataError` naming the case folder, the file or pattern, and what was expected.
+
+Write-back (for sampling): `write_volume` puts per-slice arrays back into a volume
+of the reference file's shape and affine (unsampled slices 0); `write_samples`
+writes a case's sampled masks as one 4-D uint8 volume [X, Y, Z, N] and their
+per-voxel frequency as a float32 volume [X, Y, Z].
+"""
+
+import dataclasses
+import fnmatch
+import os
+import zlib
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cimd_jax.data import intensity
+from cimd_jax.data import records
+from cimd_jax.data import splits as splits_lib
+from cimd_jax.data.args import DataArgs, TEST, TRAIN
+from cimd_jax.data.records import DataError, SourceNotFoundError
+
+SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
+AXIS_NAMES = 'xyz'
+AFFINE_ATOL = 1e-3   # largest difference of two affines' entries (mm) still "equal"
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+  """The files of one case folder.
+
+  Attributes:
+    case: the folder name.
+    folder: absolute path of the case folder.
+    images: one file name per sequence (data.nifti_image_patterns order).
+    raters: one file name per rater (data.nifti_rater_patterns order).
+  """
+  case: str
+  folder: str
+  images: tuple[str, ...]
+  raters: tuple[str, ...]
+
+
+def _where(folder: str, file: str | None = None) -> str:
+  return f'case folder {folder}' + (f', file {file}' if file else '')
+
+
+def scan_case(folder: str, args: DataArgs) -> CaseFiles:
+  """Matches the patterns in one case folder (reads no file)."""
+  names = sorted(n for n in os.listdir(folder)
+                 if not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
+  owner: dict[str, str] = {}
+  chosen = {}
+  for key in ('nifti_image_patterns', 'nifti_rater_patterns'):
+    picked = []
+    for i, pattern in enumerate(getattr(args, key)):
+      hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+      if len(hits) != 1:
+        raise DataError(
+            f'{_where(folder)}: pattern {pattern!r} (data.{key}[{i}]) matches '
+            f'{len(hits)} files ({", ".join(hits) or "none"}); expected exactly one')
+      tag = f'{pattern!r} (data.{key}[{i}])'
+      if hits[0] in owner:
+        raise DataError(f'{_where(folder, hits[0])}: matched by both {owner[hits[0]]} and '
+                        f'{tag}; expected each file matched by one pattern')
+      owner[hits[0]] = tag
+      picked.append(hits[0])
+    chosen[key] = tuple(picked)
+  return CaseFiles(case=os.path.basename(folder), folder=folder,
+                   images=chosen['nifti_image_patterns'],
+                   raters=chosen['nifti_rater_patterns'])
+
+
+def _case_folders(split_dir: str) -> list[str]:
+  names = sorted((n for n in os.listdir(split_dir)
+                  if not n.startswith('.') and os.path.isdir(os.path.join(split_dir, n))),
+                 key=splits_lib.natural_key)
+  if not names:
+    raise DataError(f'split folder {split_dir} holds no case folders; expected '
+                    f'{split_dir}/<case>/ with one file per sequence and per rater')
+  return names
+
+
+def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
+  """split -> cases (natural order of the folder names), split as in the docstring."""
+  root = os.path.abspath(os.path.expanduser(args.source_dir))
+  if not os.path.isdir(root):
+    raise SourceNotFoundError(f'data.source_dir {args.source_dir!r} ({root}) does not '
+                              'exist or is not a folder')
+  train_dir = os.path.join(root, SPLIT_FOLDERS[TRAIN])
+  test_dir = os.path.join(root, SPLIT_FOLDERS[TEST])
+  if not os.path.isdir(train_dir):
+    raise SourceNotFoundError(f'split folder {train_dir} does not exist; expected '
+                              'ROOT/training/<case>/ (and optionally ROOT/testing/<case>/)')
+  train = _case_folders(train_dir)
+  has_test = os.path.isdir(test_dir)
+  by_name = splits_lib.held_out_split(train, args.validation_fraction,
+                                      0.0 if has_test else args.test_fraction,
+                                      args.seed, 'case')
+  out = {split: [scan_case(os.path.join(train_dir, n), args) for n in names]
+         for split, names in by_name.items()}
+  if has_test:
+    test = _case_folders(test_dir)
+    both = sorted(set(test) & set(train), key=splits_lib.natural_key)
+    if both:
+      raise DataError(f'case folder {os.path.join(test_dir, both[0])}: its name is also a '
+                      f'case of {train_dir}; expected case names unique across training/ '
+                      'and testing/')
+    out[TEST] = [scan_case(os.path.join(test_dir, n), args) for n in test]
+  return out
+
+
+def _load_volume(folder: str, name: str) -> nib.spatialimages.SpatialImage:
+  path = os.path.join(folder, name)
+  try:
+    img = nib.load(path)
+  except Exception as e:  # nibabel raises several types for broken files
+    raise DataError(f'{_where(folder, name)}: cannot read NIfTI ({type(e).__name__}: '
+                    f'{e}); expected a .nii or .nii.gz volume') from e
+  shape = img.shape
+  if len(shape) == 4 and shape[3] == 1:
+    img = img.slicer[..., 0]
+  elif len(shape) != 3:
+    raise DataError(f'{_where(folder, name)}: has shape {shape}; expected a 3-D volume')
+  return img
+
+
+def _data(img, folder: str, name: str) -> np.ndarray:
+  try:
+    data = np.asanyarray(img.dataobj)
+  except Exception as e:  # truncated .gz and others
+    raise DataError(f'{_where(folder, name)}: cannot read the voxels '
+                    f'({type(e).__name__}: {e}); expected a complete NIfTI volume') from e
+  if data.dtype.kind not in 'biuf':
+    raise DataError(f'{_where(folder, name)}: has dtype {data.dtype}; expected a numeric '
+                    'volume')
+  if data.dtype.kind == 'f' and not np.all(np.isfinite(data)):
+    raise DataError(f'{_where(folder, name)}: {int(np.sum(~np.isfinite(data)))} voxel(s) '
+                    'are NaN or inf; expected finite values')
+  return data
+
+
+def fit(plane: np.ndarray, size: int) -> np.ndarray:
+  """[size, size, ...] from [h, w, ...]: each of the first two axes centre cropped
+  (start (h - size) // 2) or centre padded with 0 (before (size - h) // 2)."""
+  out = plane
+  for axis in (0, 1):
+    n = out.shape[axis]
+    if n > size:
+      start = (n - size) // 2
+      out = np.take(out, np.arange(start, start + size), axis=axis)
+    elif n < size:
+      before = (size - n) // 2
+      pad = [(0, 0)] * out.ndim
+      pad[axis] = (before, size - n - before)
+      out = np.pad(out, pad)
+  return out
+
+
+def unfit(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """The inverse of `fit`: [h, w, ...] = `shape` from [size, size, ...]; what `fit`
+  cropped away is 0."""
+  out = plane
+  for axis in (0, 1):
+    n, size = shape[axis], out.shape[axis]
+    if n > size:
+      start = (n - size) // 2
+      pad = [(0, 0)] * out.ndim
+      pad[axis] = (start, n - size - start)
+      out = np.pad(out, pad)
+    elif n < size:
+      before = (size - n) // 2
+      out = np.take(out, np.arange(before, before + n), axis=axis)
+  return out
+
+
+def _crop_window(shape: tuple[int, int], size: int) -> tuple[slice, slice]:
+  return tuple(slice((n - size) // 2, (n - size) // 2 + size) if n > size
+               else slice(0, n) for n in shape)
+
+
+def case_slice_id(case: str, axis: int, index: int) -> str:
+  """'<case>_<axis letter><index>', e.g. ('p01', 2, 57) -> 'p01_z57'."""
+  return f'{case}_{AXIS_NAMES[axis]}{index}'
+
+
+def parse_case_id(case_id: str) -> tuple[str, int, int]:
+  """(case, axis, slice index) of a 'nifti' record's case_id."""
+  case, _, tail = case_id.rpartition('_')
+  if not case or len(tail) < 2 or tail[0] not in AXIS_NAMES or not tail[1:].isdigit():
+    raise ValueError(f'case_id {case_id!r} is not <case>_<x|y|z><index>')
+  return case, AXIS_NAMES.index(tail[0]), int(tail[1:])
+
+
+def kept_slices(marked: np.ndarray, fraction: float, seed: int, case: str) -> np.ndarray:
+  """Sorted slice indices kept of a case: every marked one plus
+  round(fraction * n_empty) unmarked ones (seeded per case)."""
+  empty = np.flatnonzero(~marked)
+  count = int(round(fraction * len(empty)))
+  rng = np.random.default_rng([seed, 0xE3D7, zlib.crc32(case.encode())])
+  extra = rng.choice(empty, size=count, replace=False) if count else empty[:0]
+  return np.sort(np.concatenate([np.flatnonzero(marked), extra]))
+
+
+def read_case(case: CaseFiles, args: DataArgs) -> list[dict[str, Any]]:
+  """The records of one case (kept slices in order): image uint8 [S, S, C], masks
+  uint8 [A, S, S], case_id. Checks shapes, affines, values and the crop."""
+  folder = case.folder
+  vols = [(name, _load_volume(folder, name)) for name in case.images + case.raters]
+  ref_name, ref = vols[0]
+  for name, img in vols[1:]:
+    if img.shape != ref.shape:
+      raise DataError(f'{_where(folder, name)}: has shape {img.shape}, but {ref_name} has '
+                      f'{ref.shape}; expected equal shapes for all sequences and raters')
+    if not np.allclose(img.affine, ref.affine, rtol=0.0, atol=AFFINE_ATOL):
+      diff = float(np.max(np.abs(img.affine - ref.affine)))
+      raise DataError(f'{_where(folder, name)}: affine differs from {ref_name}\'s by up to '
+                      f'{diff:.4g}; expected equal affines (within {AFFINE_ATOL})')
+  axis, size = args.nifti_axis, args.image_size
+  images = []
+  for name, img in vols[:len(case.images)]:
+    images.append(intensity.to_uint8(_data(img, folder, name), args.percentile_low,
+                                     args.percentile_high))
+  masks = [(_data(img, folder, name) > 0.5) for name, img in vols[len(case.images):]]
+  # Move the slicing axis first: volume [n, h, w].
+  images = np.stack([np.moveaxis(v, axis, 0) for v in images], -1)   # [n, h, w, C]
+  masks = np.stack([np.moveaxis(m, axis, 0) for m in masks], 1)      # [n, A, h, w]
+  plane = images.shape[1:3]
+  window = _crop_window(plane, size)
+  inside = np.zeros(plane, bool)
+  inside[window] = True
+  for a, name in enumerate(case.raters):
+    lost = int(masks[:, a][:, ~inside].sum())
+    if lost:
+      raise DataError(f'{_where(folder, name)}: {lost} marked voxel(s) lie outside the '
+                      f'centre {size}x{size} crop of the {plane[0]}x{plane[1]} slices '
+                      f'(data.nifti_axis={axis}); expected data.image_size >= the extent '
+                      'of the marks (slices are centre cropped, never resized)')
+  marked = masks.reshape(masks.shape[0], -1).any(1)
+  out = []
+  for k in kept_slices(marked, args.nifti_empty_fraction, args.seed, case.case):
+    out.append({
+        'image': fit(images[k], size),
+        'masks': np.moveaxis(fit(np.moveaxis(masks[k], 0, -1), size), -1, 0
+                             ).astype(np.uint8),
+        'case_id': case_slice_id(case.case, axis, int(k)),
+    })
+  return out
+
+
+def _fingerprint(splits: dict[str, list[CaseFiles]]) -> str:
+  """Hash of every matched file's name, size and modification time."""
+  listing = []
+  for split in sorted(splits):
+    for case in splits[split]:
+      for name in case.images + case.raters:
+        stat = os.stat(os.path.join(case.folder, name))
+        listing.append((split, case.case, name, stat.st_size, stat.st_mtime_ns))
+  return records.short_hash({'files': listing}, 16)
+
+
+def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[str, Any]:
+  """Every parameter that changes the records (hashed into the config name)."""
+  root = os.path.realpath(os.path.expanduser(args.source_dir))
+  has_test = os.path.isdir(os.path.join(root, SPLIT_FOLDERS[TEST]))
+  seeded = (args.validation_fraction > 0 or (not has_test and args.test_fraction > 0)
+            or 0 < args.nifti_empty_fraction < 1)
+  return {
+      'kind': 'cimd_nifti',
+      'source_dir': root,
+      'files': _fingerprint(splits),
+      'image_size': args.image_size,
+      'image_channels': args.image_channels,
+      'num_annotators': args.num_annotators,
+      'image_patterns': list(args.nifti_image_patterns),
+      'rater_patterns': list(args.nifti_rater_patterns),
+      'axis': args.nifti_axis,
+      'percentiles': [args.percentile_low, args.percentile_high],
+      'empty_fraction': args.nifti_empty_fraction,
+      'validation_fraction': args.validation_fraction,
+      'test_fraction': None if has_test else args.test_fraction,
+      'seed': args.seed if seeded else None,
+      'format': records.VERSION,
+  }
+
+
+class CimdNifti(records.CimdBuilder, skip_registration=True):
+  """NIfTI volumes with several raters -> ArrayRecord of 2-D slices. Build with
+  `make_builder`."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    p = self.builder_config.params
+    return records.dataset_info(
+        self, f'NIfTI volumes from {p["source_dir"]}',
+        records.features(p['image_size'], p['image_channels'], p['num_annotators'],
+                         with_structures=False))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    args, splits = self.builder_config.payload
+    records.write_params(self.data_dir, self.builder_config.params)
+    return {split: self._generate_examples(args, cases) for split, cases in splits.items()}
+
+  def _generate_examples(self, args: DataArgs, cases: list[CaseFiles]
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    index = 0
+    for case in cases:
+      for record in read_case(case, args):
+        yield index, record
+        index += 1
+
+
+def make_builder(args: DataArgs, tfds_dir: str) -> CimdNifti:
+  """The builder of `args` (lists the case folders and matches the patterns; reads
+  no volume)."""
+  splits = scan_source(args)
+  params = builder_params(args, splits)
+  prefix = (f's{args.image_size}_c{args.image_channels}_a{args.num_annotators}_'
+            f'{AXIS_NAMES[args.nifti_axis]}')
+  config = records.CimdConfig(name=records.config_name(prefix, params), params=params,
+                              payload=(args, splits))
+  return CimdNifti(config=config, data_dir=tfds_dir)
+
+
+def validate(builder: CimdNifti) -> None:
+  """Reads every volume of every case; raises DataError on the first bad one, and
+  when a split would have no slice."""
+  args, splits = builder.builder_config.payload
+  for split, cases in splits.items():
+    total = sum(len(read_case(case, args)) for case in cases)
+    if not total:
+      raise DataError(f'split {split!r} ({len(cases)} case(s), first '
+                      f'{cases[0].folder}): no slice is marked by any rater and '
+                      f'data.nifti_empty_fraction={args.nifti_empty_fraction} keeps none; '
+                      'expected at least one slice')
+
+
+# --------------------------------------------------------------------------- write-back
+
+
+def reference_file(args: DataArgs, case: str) -> str:
+  """Path of the case's first sequence (data.nifti_image_patterns[0]): the volume
+  whose shape and affine `write_volume` copies."""
+  root = os.path.abspath(os.path.expanduser(args.source_dir))
+  for sub in SPLIT_FOLDERS.values():
+    folder = os.path.join(root, sub, case)
+    if os.path.isdir(folder):
+      found = scan_case(folder, args)
+      return os.path.join(folder, found.images[0])
+  raise SourceNotFoundError(f'case {case!r}: no folder {root}/training/{case} or '
+                            f'{root}/testing/{case}')
+
+
+def _save_atomic(img: nib.Nifti1Image, path: str) -> None:
+  """Saves under a temporary name with the same extension, then renames."""
+  folder, base = os.path.split(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f'.tmp-{os.getpid()}-{base}')
+  try:
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_volume(path: str, slices: dict[int, np.ndarray], reference_path: str,
+                 axis: int, dtype: Any = None) -> str:
+  """Writes per-slice arrays back as a NIfTI volume shaped like the reference.
+
+  Args:
+    path: output file (.nii or .nii.gz), written atomically.
+    slices: slice index along `axis` -> array [S, S] (one value per voxel) or
+      [N, S, S] (N values per voxel, e.g. N sampled masks), as in the records
+      (S = image_size); each is un-padded/un-cropped (`unfit`) to the slice plane.
+    reference_path: the input volume whose shape [X, Y, Z] and affine are copied.
+    axis: the data.nifti_axis the slices were cut along.
+    dtype: stored dtype (default: the slices' common dtype).
+
+  Returns:
+    `path`. The volume is [X, Y, Z] or [X, Y, Z, N]; slices not given are 0.
+  """
+  ref = nib.load(reference_path)
+  shape = tuple(ref.shape[:3])
+  values = [np.asarray(v) for v in slices.values()]
+  if not values:
+    raise ValueError('write_volume needs at least one slice')
+  ndim = values[0].ndim
+  if ndim not in (2, 3) or any(v.ndim != ndim for v in values):
+    raise ValueError('slices must all be [S, S] or all [N, S, S]')
+  extra = values[0].shape[:1] if ndim == 3 else ()
+  dtype = np.dtype(dtype) if dtype is not None else np.result_type(*values)
+  plane = tuple(n for a, n in enumerate(shape) if a != axis)
+  moved = np.zeros((shape[axis],) + plane + extra, dtype)   # [n, h, w(, N)]
+  for index, value in slices.items():
+    if not 0 <= index < shape[axis]:
+      raise ValueError(f'slice {index} is outside 0..{shape[axis] - 1} (axis {axis})')
+    if ndim == 3:
+      value = np.moveaxis(value, 0, -1)
+      if value.shape[-1] != extra[0]:
+        raise ValueError('every slice must hold the same number N of values')
+    moved[index] = unfit(value, plane).astype(dtype)
+  volume = np.moveaxis(moved, 0, axis)
+  header = ref.header.copy() if isinstance(ref, nib.Nifti1Image) else None
+  out = nib.Nifti1Image(volume, ref.affine, header)
+  out.set_data_dtype(dtype)
+  out.header.set_slope_inter(1.0, 0.0)
+  _save_atomic(out, path)
+  return path
+
+
+def write_samples(output_dir: str, case: str, samples: dict[int, np.ndarray],
+                  reference_path: str, axis: int) -> tuple[str, str]:
+  """Writes a case's sampled masks and their frequency map next to each other.
+
+  Args:
+    samples: slice index -> {0, 1} (or bool) masks [N, S, S] of that slice.
+
+  Returns:
+    (OUTPUT_DIR/<case>_samples.nii.gz: uint8 [X, Y, Z, N] in {0, 1},
+     OUTPUT_DIR/<case>_frequency.nii.gz: float32 [X, Y, Z], the mean of the N
+     masks per voxel), both with the reference's affine; unsampled slices are 0.
+  """
+  masks = {k: (np.asarray(v) > 0).astype(np.uint8) for k, v in samples.items()}
+  freq = {k: v.mean(0, dtype=np.float32) for k, v in masks.items()}
+  samples_path = os.path.join(output_dir, f'{case}_samples.nii.gz')
+  freq_path = os.path.join(output_dir, f'{case}_frequency.nii.gz')
+  write_volume(samples_path, masks, reference_path, axis, np.uint8)
+  write_volume(freq_path, freq, reference_path, axis, np.float32)
+  return samples_path, freq_path

@@ -1,0 +1,869 @@
+"""Readers: LIDC pickles, PHiSeg HDF5, NIfTI volumes with raters, wide folder images.
+
+Every fixture file is written here in its real format, from the real LIDC sample
+(tests.conftest.LIDC_SAMPLE; those tests skip without it) or from synthetic arrays,
+built through TFDS (`pipeline.prepare`) and read back through the grain pipelines;
+the values are compared with a direct numpy computation.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+
+import h5py
+import nibabel as nib
+import numpy as np
+from PIL import Image
+import pytest
+
+from tests.conftest import LIDC_SAMPLE
+from configs import default as default_config
+from cimd_jax.data import DataArgs
+from cimd_jax.data import folder
+from cimd_jax.data import image_folder
+from cimd_jax.data import lidc_hdf5
+from cimd_jax.data import lidc_pickle
+from cimd_jax.data import nifti
+from cimd_jax.data import pipeline
+from cimd_jax.data import splits
+
+HAVE_LIDC = os.path.isdir(os.path.join(LIDC_SAMPLE, 'training'))
+
+
+def _eval_all(args, workdir, split, batch_size=8):
+  batches = list(pipeline.eval_batches(args, str(workdir), split, batch_size))
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _percentile_u8(x, low=0.5, high=99.5):
+  """The documented intensity rule, computed directly."""
+  x = np.asarray(x, np.float64)
+  lo, hi = np.percentile(x, [low, high])
+  return np.rint((np.clip(x, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def _check_train_batches(args, workdir, expected, batch_size, num_batches=2):
+  """Train batches: every row is its record's image and the drawn expert's mask.
+
+  expected: case_id -> (image uint8 [H, W, C], masks {0, 1} [A, H, W]).
+  """
+  it = pipeline.train_iterator(args, str(workdir), batch_size)
+  for _ in range(num_batches):
+    batch = next(it)
+    assert batch['image'].shape[0] == batch_size
+    for i, cid in enumerate(batch['case_id']):
+      image, masks = expected[str(cid)]
+      np.testing.assert_allclose(batch['image'][i], image / 127.5 - 1.0, atol=1e-6)
+      np.testing.assert_array_equal(batch['mask'][i, ..., 0],
+                                    masks[int(batch['expert'][i])] * 2.0 - 1.0)
+
+
+def _raises_data_error(args, tfds_dir, workdir, parts):
+  with pytest.raises(folder.DataError) as err:
+    pipeline.prepare(args, str(workdir))
+  message = str(err.value)
+  assert '\n' not in message
+  for part in parts:
+    assert part in message, (part, message)
+  assert not os.path.exists(tfds_dir), 'validation must fail before anything is written'
+  return message
+
+
+@pytest.fixture(scope='session')
+def lidc_cases():
+  """The LIDC sample: split -> [(case, image uint8 [128, 128], raw labels uint8 [4, 128, 128])]."""
+  if not HAVE_LIDC:
+    pytest.skip(f'real LIDC sample not found at {LIDC_SAMPLE}')
+  out = {}
+  for split, sub in (('train', 'training'), ('test', 'testing')):
+    cases = []
+    for case in sorted(os.listdir(os.path.join(LIDC_SAMPLE, sub)), key=int):
+      d = os.path.join(LIDC_SAMPLE, sub, case)
+      image_file = [f for f in os.listdir(d) if f.startswith('image_')][0]
+      image = np.asarray(Image.open(os.path.join(d, image_file)).convert('L'))
+      labels = np.stack([np.asarray(Image.open(os.path.join(d, f'label{k}_.jpg')))
+                         for k in range(4)])
+      cases.append((case, image, labels))
+    out[split] = cases
+  return out
+
+
+# --------------------------------------------------------------------------- LIDC pickle
+
+
+def _pickle_records(lidc_cases):
+  """key -> record of the pickle format, from the 28 sample cases; 3 slices per
+  patient (10 patients). Masks are the JPEG grey levels / 255 (soft, in [0, 1])."""
+  cases = lidc_cases['train'] + lidc_cases['test']
+  out = {}
+  for i, (_, image, labels) in enumerate(cases):
+    out[f'LIDC-{i // 3:04d}_slice{i % 3}'] = {
+        'image': (image / 255.0).astype(np.float32),
+        'masks': [(labels[k] / 255.0).astype(np.float32) for k in range(4)],
+        'series_uid': f'1.3.6.1.4.1.14519.{i // 3}',
+    }
+  return out
+
+
+def _write_pickles(root, table, num_files=2):
+  os.makedirs(root, exist_ok=True)
+  keys = list(table)
+  for f in range(num_files):
+    part = {k: table[k] for k in keys[f::num_files]}
+    with open(os.path.join(root, f'part{f}.pickle'), 'wb') as fh:
+      pickle.dump(part, fh, protocol=4)
+  return str(root)
+
+
+@pytest.fixture(scope='session')
+def lidc_pickle_set(lidc_cases, tmp_path_factory):
+  base = tmp_path_factory.mktemp('pickle')
+  table = _pickle_records(lidc_cases)
+  root = _write_pickles(base / 'src', table)
+  args = DataArgs(name='lidc_pickle', source_dir=root, tfds_dir=str(base / 'tfds'),
+                  image_size=128, num_annotators=4, validation_fraction=0.25,
+                  test_fraction=0.2, seed=0)
+  mp = pytest.MonkeyPatch()
+  mp.setattr(lidc_pickle, 'CHUNK_BYTES', 1 << 16)    # the chunked path, many chunks
+  try:
+    counts = pipeline.prepare(args, str(base))
+  finally:
+    mp.undo()
+  return args, base, table, counts
+
+
+class _SpyFile(io.BytesIO):
+  def __init__(self, data):
+    super().__init__(data)
+    self.reads = []
+
+  def readinto(self, buffer):
+    self.reads.append(len(buffer))
+    return super().readinto(buffer)
+
+
+def test_read_pickle_reads_in_chunks(tmp_path):
+  table = {'a': {'image': np.arange(3000, dtype=np.float32)}, 'b': list(range(500))}
+  path = str(tmp_path / 'x.pickle')
+  with open(path, 'wb') as f:
+    pickle.dump(table, f)
+  raw = open(path, 'rb').read()
+  spy = _SpyFile(raw)
+  got = lidc_pickle.read_bytes(spy, len(raw), chunk_bytes=1000)
+  assert bytes(got) == raw
+  assert len(spy.reads) == -(-len(raw) // 1000) > 10 and max(spy.reads) <= 1000
+  loaded = lidc_pickle.read_pickle(path, chunk_bytes=1000)
+  np.testing.assert_array_equal(loaded['a']['image'], table['a']['image'])
+  assert loaded['b'] == table['b']
+  assert lidc_pickle.CHUNK_BYTES < 2**31
+  with pytest.raises(EOFError):
+    lidc_pickle.read_bytes(io.BytesIO(raw), len(raw) + 1, 1000)
+
+
+def test_pickle_records_equal_direct_reading(lidc_pickle_set):
+  args, base, table, counts = lidc_pickle_set
+  # 10 patients: 2 test (0.2), 2 validation (0.25 of 8), 6 train.
+  assert sum(counts.values()) == 28 and set(counts) == {'train', 'validation', 'test'}
+  expected, uid_split = {}, {}
+  for split in counts:
+    got = _eval_all(args, base, split)
+    ids = [str(c) for c in got['case_id']]
+    assert ids == sorted(ids, key=splits.natural_key)
+    assert len({table[k]['series_uid'] for k in ids}) == {'train': 6, 'validation': 2,
+                                                          'test': 2}[split]
+    for i, key in enumerate(ids):
+      record = table[key]
+      image = np.round(record['image'].astype(np.float64) * 255).astype(np.uint8)
+      masks = np.stack([m > 0.5 for m in record['masks']])
+      np.testing.assert_allclose(got['image'][i, ..., 0], image / 127.5 - 1, atol=1e-6)
+      np.testing.assert_array_equal(got['masks'][i] > 0, masks)
+      expected[key] = (image[..., None], masks)
+      uid = record['series_uid']
+      assert uid_split.setdefault(uid, split) == split, f'patient {uid} in two splits'
+  assert sorted(expected) == sorted(table)
+  _check_train_batches(args, base, expected, batch_size=6)
+
+
+def test_pickle_masks_threshold_matches_folder_rule(lidc_pickle_set, lidc_cases):
+  """Soft masks (JPEG grey / 255) > 0.5 equal the raw JPEG > 127 of the folder reader."""
+  args, base, table, _ = lidc_pickle_set
+  got = _eval_all(args, base, 'train')
+  raw = {f'LIDC-{i // 3:04d}_slice{i % 3}': labels for i, (_, _, labels)
+         in enumerate(lidc_cases['train'] + lidc_cases['test'])}
+  for i, key in enumerate(got['case_id']):
+    np.testing.assert_array_equal(got['masks'][i] > 0, raw[str(key)] > 127)
+
+
+def _small_records(num_patients=6, slices=2, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  table = {}
+  for p in range(num_patients):
+    for s in range(slices):
+      table[f'p{p}_s{s}'] = {
+          'image': rng.random((size, size)),
+          'masks': [(rng.random((size, size)) > 0.7).astype(np.uint8) for _ in range(2)],
+          'series_uid': f'uid{p}',
+      }
+  return table
+
+
+def _split_of(args):
+  """split -> keys, and split -> uids, without writing anything."""
+  entries, keys = lidc_pickle.make_builder(args, '/unused').builder_config.payload.load()
+  return keys
+
+
+def test_pickle_split_is_patient_level_and_seeded(tmp_path):
+  table = _small_records(num_patients=12, slices=3)
+  root = _write_pickles(tmp_path / 'src', table, num_files=3)
+  base = DataArgs(name='lidc_pickle', source_dir=root, image_size=16, num_annotators=2,
+                  validation_fraction=0.2, test_fraction=0.25, seed=1)
+  a, b = _split_of(base), _split_of(base)
+  c = _split_of(dataclasses.replace(base, seed=2))
+  assert a == b and a != c
+  for split_keys in (a, c):
+    uids = {s: {table[k]['series_uid'] for k in ks} for s, ks in split_keys.items()}
+    assert not uids['train'] & uids['test'] and not uids['train'] & uids['validation']
+    assert not uids['validation'] & uids['test']
+    assert [len(uids[s]) for s in ('train', 'validation', 'test')] == [7, 2, 3]
+    assert sorted(sum(split_keys.values(), [])) == sorted(table)
+  no_val = _split_of(dataclasses.replace(base, validation_fraction=0.0))
+  assert set(no_val) == {'train', 'test'}
+
+
+def test_pickle_split_file_is_obeyed(tmp_path):
+  table = _small_records(num_patients=5)
+  root = _write_pickles(tmp_path / 'src', table)
+  split_file = tmp_path / 'split.json'
+  split_file.write_text(json.dumps({'train': ['uid4', 'uid0', 'uid2'], 'test': ['uid1'],
+                                    'validation': ['uid3']}))
+  args = DataArgs(name='lidc_pickle', source_dir=root, tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=16, num_annotators=2, split_file=str(split_file))
+  assert pipeline.prepare(args, str(tmp_path)) == {'train': 6, 'validation': 2, 'test': 2}
+  assert list(_eval_all(args, tmp_path, 'test')['case_id']) == ['p1_s0', 'p1_s1']
+  assert list(_eval_all(args, tmp_path, 'validation')['case_id']) == ['p3_s0', 'p3_s1']
+  train = _eval_all(args, tmp_path, 'train')
+  assert list(train['case_id']) == ['p0_s0', 'p0_s1', 'p2_s0', 'p2_s1', 'p4_s0', 'p4_s1']
+  np.testing.assert_allclose(train['image'][2, ..., 0],
+                             np.rint(table['p2_s0']['image'] * 255) / 127.5 - 1, atol=1e-6)
+  # The seed and fractions do not change an explicit split (nor the cache name).
+  other = dataclasses.replace(args, seed=9, test_fraction=0.5)
+  assert (lidc_pickle.make_builder(other, str(tmp_path / 'tfds')).data_path
+          == lidc_pickle.make_builder(args, str(tmp_path / 'tfds')).data_path)
+
+
+def _edit(key, **changes):
+  def fn(table):
+    rec = dict(table[key])
+    for name, value in changes.items():
+      if value is None:
+        rec.pop(name)
+      else:
+        rec[name] = value
+    table[key] = rec
+  return fn
+
+
+_Z = np.zeros((16, 16))
+PICKLE_BAD = {
+    # name: (break the table, expected message parts)
+    'missing_key': (_edit('p2_s1', masks=None), ["'p2_s1'", "missing key 'masks'"]),
+    'mask_count': (_edit('p1_s0', masks=[_Z] * 3), ["'p1_s0'", 'has 3 mask(s)',
+                                                    'expected 2 (data.num_annotators)']),
+    'mask_shape': (_edit('p3_s1', masks=[_Z, np.zeros((16, 12))]),
+                   ["'p3_s1'", "'masks'[1]", '(16, 12)', "image's shape (16, 16)"]),
+    'image_not_2d': (_edit('p0_s0', image=np.zeros((16, 16, 1))),
+                     ["'p0_s0'", "'image'", '(16, 16, 1)', 'expected a 2-D array']),
+    'image_out_of_range': (_edit('p4_s0', image=np.full((16, 16), 1.5)),
+                           ["'p4_s0'", "'image'", 'expected floats in [0, 1]']),
+    'image_nan': (_edit('p4_s1', image=np.full((16, 16), np.nan)),
+                  ["'p4_s1'", "'image'", 'NaN']),
+    'mask_out_of_range': (_edit('p5_s0', masks=[_Z, np.full((16, 16), 255)]),
+                          ["'p5_s0'", "'masks'[1]", 'expected values in [0, 1]']),
+    'uid_not_string': (_edit('p0_s1', series_uid=7), ["'p0_s1'", "'series_uid'",
+                                                      'non-empty string']),
+    'image_wrong_size': (_edit('p1_s1', image=np.zeros((20, 20)),
+                               masks=[np.zeros((20, 20))] * 2),
+                         ["'p1_s1'", 'is 20x20', 'expected 16x16', 'data.resize']),
+    'record_not_dict': (lambda t: t.update(p2_s0=[1, 2]), ["'p2_s0'", 'is a list']),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(PICKLE_BAD))
+def test_pickle_bad_record_names_file_and_key(tmp_path, kind):
+  table = _small_records()
+  breaker, parts = PICKLE_BAD[kind]
+  breaker(table)
+  root = _write_pickles(tmp_path / 'src', table, num_files=1)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_pickle', source_dir=root, tfds_dir=tfds_dir, image_size=16,
+                  num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, [os.path.join(root, 'part0.pickle')] + parts)
+
+
+def test_pickle_bad_source_and_split_file(tmp_path):
+  table = _small_records()
+  root = _write_pickles(tmp_path / 'src', table, num_files=2)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_pickle', source_dir=root, tfds_dir=tfds_dir, image_size=16,
+                  num_annotators=2)
+  # The same key in two files.
+  with open(os.path.join(root, 'part1.pickle'), 'wb') as f:
+    pickle.dump({'p0_s0': table['p0_s0']}, f)
+  _raises_data_error(args, tfds_dir, tmp_path, ['part1.pickle', "'p0_s0'", 'part0.pickle',
+                                                'expected each key once'])
+  root = _write_pickles(tmp_path / 'src2', table, num_files=1)
+  args = dataclasses.replace(args, source_dir=root)
+  for content, parts in (
+      ({'train': ['uid0', 'uid1', 'uid2', 'uid3', 'uid4'], 'test': ['uid9']},
+       ["key \"test\"", "'uid9'", 'not in the data']),
+      ({'train': ['uid0', 'uid1', 'uid2', 'uid3', 'uid4'], 'test': ['uid0', 'uid5']},
+       ["'uid0'", 'both "train" and "test"']),
+      ({'train': ['uid0', 'uid1', 'uid2'], 'test': ['uid3']},
+       ["'uid4'", 'in no split']),
+      ({'training': []}, ['expected a JSON object with key "train"']),
+  ):
+    split_file = tmp_path / 'split.json'
+    split_file.write_text(json.dumps(content))
+    bad = dataclasses.replace(args, split_file=str(split_file))
+    _raises_data_error(bad, tfds_dir, tmp_path, [str(split_file)] + parts)
+  (tmp_path / 'split.json').write_text('{not json')
+  _raises_data_error(dataclasses.replace(args, split_file=str(tmp_path / 'split.json')),
+                     tfds_dir, tmp_path, ['split.json', 'cannot read JSON'])
+  with open(os.path.join(root, 'part0.pickle'), 'wb') as f:
+    f.write(b'\x80\x04garbage')
+  _raises_data_error(args, tfds_dir, tmp_path, ['part0.pickle', 'cannot read pickle'])
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  _raises_data_error(dataclasses.replace(args, source_dir=str(empty)), tfds_dir, tmp_path,
+                     [str(empty), 'no *.pickle file'])
+
+
+# --------------------------------------------------------------------------- PHiSeg HDF5
+
+
+def _write_hdf5(path, groups):
+  """groups: name -> (images [N, H, W], labels [N, H, W, A]); PHiSeg's dtypes."""
+  with h5py.File(path, 'w') as f:
+    for name, (images, labels) in groups.items():
+      g = f.create_group(name)
+      g.create_dataset('uids', data=np.arange(len(images), dtype=np.int64) * 7919)
+      g.create_dataset('labels', data=labels)
+      g.create_dataset('images', data=images)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def phiseg_set(lidc_cases, tmp_path_factory):
+  base = tmp_path_factory.mktemp('hdf5')
+  train = lidc_cases['train']
+  parts = {'train': train[:15], 'val': train[15:], 'test': lidc_cases['test']}
+  groups, expected = {}, {}
+  for name, cases in parts.items():
+    # As PHiSeg writes them: image (in [0, 1]) - 0.5 as float64; labels uint8 0/1 [N, H, W, A].
+    images = np.stack([img / 255.0 - 0.5 for _, img, _ in cases]).astype(np.float64)
+    labels = np.stack([(lab > 127).transpose(1, 2, 0) for _, _, lab in cases]
+                      ).astype(np.uint8)
+    groups[name] = (images, labels)
+    for i, (_, img, lab) in enumerate(cases):
+      expected[f'{name}_{i:05d}'] = (img[..., None], (lab > 127).astype(np.uint8))
+  os.makedirs(base / 'src')
+  path = _write_hdf5(base / 'src' / 'data_lidc.hdf5', groups)
+  args = DataArgs(name='lidc_hdf5', source_dir=str(base / 'src'),
+                  tfds_dir=str(base / 'tfds'), image_size=128, num_annotators=4)
+  counts = pipeline.prepare(args, str(base))
+  return args, base, path, expected, counts
+
+
+def test_hdf5_records_equal_direct_reading(phiseg_set):
+  args, base, path, expected, counts = phiseg_set
+  assert counts == {'train': 15, 'validation': 4, 'test': 9}
+  for split, group in (('train', 'train'), ('validation', 'val'), ('test', 'test')):
+    got = _eval_all(args, base, split)
+    assert list(got['case_id']) == [f'{group}_{i:05d}' for i in range(counts[split])]
+    for i, cid in enumerate(got['case_id']):
+      image, masks = expected[str(cid)]
+      # (x + 0.5) * 255 recovers the JPEG's bytes exactly.
+      np.testing.assert_allclose(got['image'][i], image / 127.5 - 1, atol=1e-6)
+      np.testing.assert_array_equal(got['masks'][i], masks * 2.0 - 1)
+  train = {k: v for k, v in expected.items() if k.startswith('train_')}
+  _check_train_batches(args, base, train, batch_size=5)
+  # The file itself as source_dir is the same dataset.
+  same = dataclasses.replace(args, source_dir=path)
+  assert (lidc_hdf5.make_builder(same, args.tfds_dir).data_path
+          == lidc_hdf5.make_builder(args, args.tfds_dir).data_path)
+
+
+def _small_groups(n=(6, 3, 4), size=16, annotators=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return {name: (rng.random((k, size, size)) - 0.5,
+                 (rng.random((k, size, size, annotators)) > 0.6).astype(np.uint8))
+          for name, k in zip(('train', 'val', 'test'), n)}
+
+
+def test_hdf5_small_values_and_uint8_images(tmp_path, monkeypatch):
+  monkeypatch.setattr(lidc_hdf5, 'READ_ROWS', 4)       # several blocks per group
+  groups = _small_groups(n=(10, 2, 3))
+  groups['test'] = ((groups['test'][0] + 0.5) * 255).astype(np.uint8), groups['test'][1]
+  del groups['val']
+  path = _write_hdf5(tmp_path / 'x.h5', groups)
+  args = DataArgs(name='lidc_hdf5', source_dir=path, tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=16, num_annotators=2, image_channels=3)
+  assert pipeline.prepare(args, str(tmp_path)) == {'train': 10, 'test': 3}
+  train = _eval_all(args, tmp_path, 'train')
+  images, labels = groups['train']
+  want = np.rint((images + 0.5) * 255).astype(np.uint8)
+  np.testing.assert_allclose(train['image'], np.repeat(want[..., None], 3, -1) / 127.5 - 1,
+                             atol=1e-6)
+  np.testing.assert_array_equal(train['masks'] > 0, labels.transpose(0, 3, 1, 2) > 0)
+  test = _eval_all(args, tmp_path, 'test')
+  np.testing.assert_allclose(test['image'][..., 0], groups['test'][0] / 127.5 - 1, atol=1e-6)
+
+
+def _set(group, index, what, value):
+  def fn(groups):
+    images, labels = (a.copy() for a in groups[group])
+    arr = images if what == 'images' else labels
+    arr[index] = value
+    groups[group] = (images, labels)
+  return fn
+
+
+HDF5_BAD = {
+    'missing_labels': (lambda g: g.update(val=(g['val'][0], None)),
+                       ["'val/labels'", 'missing']),
+    'annotator_count': (lambda g: g.update(test=(g['test'][0], g['test'][1][..., :1])),
+                        ["'test/labels'", 'has 1 annotator(s)', 'expected 2']),
+    'label_shape': (lambda g: g.update(train=(g['train'][0], g['train'][1][:, :12])),
+                    ["'train/labels'", '(6, 12, 16, 2)', "equal to 'train/images'"]),
+    'images_4d': (lambda g: g.update(val=(g['val'][0][..., None], g['val'][1])),
+                  ["'val/images'", '(3, 16, 16, 1)', 'expected [N, H, W]']),
+    'image_out_of_range': (_set('val', (2, 5, 5), 'images', 0.9),
+                           ["'val/images'", 'row 2', 'data.hdf5_image_range']),
+    'label_out_of_range': (_set('train', (4, 0, 0, 1), 'labels', 2),
+                           ["'train/labels'", 'row 4', 'expected labels in [0, 1]']),
+    'no_train_group': (lambda g: g.pop('train'), ["no group 'train'"]),
+    'wrong_size': (lambda g: g.update(test=(np.zeros((4, 20, 20)),
+                                            np.zeros((4, 20, 20, 2), np.uint8))),
+                   ["'test/images'", '20x20', 'expected 16x16']),
+}
+
+
+def _write_groups_allowing_none(path, groups):
+  with h5py.File(path, 'w') as f:
+    for name, (images, labels) in groups.items():
+      g = f.create_group(name)
+      g.create_dataset('images', data=images)
+      if labels is not None:
+        g.create_dataset('labels', data=labels)
+
+
+@pytest.mark.parametrize('kind', sorted(HDF5_BAD))
+def test_hdf5_bad_file_names_file_and_key(tmp_path, kind):
+  groups = _small_groups()
+  breaker, parts = HDF5_BAD[kind]
+  breaker(groups)
+  path = str(tmp_path / 'data_lidc.hdf5')
+  _write_groups_allowing_none(path, groups)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_hdf5', source_dir=str(tmp_path), tfds_dir=tfds_dir,
+                  image_size=16, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, [path] + parts)
+
+
+def test_hdf5_source_must_be_one_file(tmp_path):
+  _write_hdf5(tmp_path / 'a.hdf5', _small_groups())
+  _write_hdf5(tmp_path / 'b.h5', _small_groups())
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_hdf5', source_dir=str(tmp_path), tfds_dir=tfds_dir,
+                  image_size=16, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, ['holds 2 HDF5 files', 'a.hdf5, b.h5'])
+  (tmp_path / 'c.hdf5').write_bytes(b'not hdf5')
+  _raises_data_error(dataclasses.replace(args, source_dir=str(tmp_path / 'c.hdf5')),
+                     tfds_dir, tmp_path, ['c.hdf5', 'cannot open as HDF5'])
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+SHAPE = (20, 28, 12)      # slices along axis 2 are 20 x 28: padded to 24 rows, cropped to 24 cols
+AFFINE = np.array([[0.9, 0, 0, -10.0], [0, 1.1, 0, 20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
+NIFTI_PATTERNS = dict(nifti_image_patterns=('*flair*', '*t1*'),
+                      nifti_rater_patterns=('*mask1*', '*mask2*'))
+
+
+def _case_volumes(seed):
+  """Two sequences (int16, float32) and two raters (uint8, float32) of one case."""
+  rng = np.random.default_rng(seed)
+  flair = rng.integers(0, 3000, SHAPE).astype(np.int16)
+  flair[0, 0, 0] = 32000                                   # an outlier the clipping removes
+  t1 = (rng.normal(50, 100, SHAPE)).astype(np.float32)
+  r1 = np.zeros(SHAPE, np.uint8)
+  r2 = np.zeros(SHAPE, np.float32)
+  z0 = 2 + seed % 4
+  r1[5:12, 4:15, z0:z0 + 3] = 1
+  r2[6:13, 5:17, z0 + 1:z0 + 4] = 1.0
+  return {'flair': flair, 't1': t1, 'mask1': r1, 'mask2': r2}
+
+
+def _write_nifti_case(folder, name, vols, affine=AFFINE):
+  os.makedirs(folder, exist_ok=True)
+  for kind, vol in vols.items():
+    nib.save(nib.Nifti1Image(vol, affine), os.path.join(folder, f'{name}_{kind}.nii.gz'))
+
+
+def _make_nifti_source(root, train=('p1', 'p2', 'p3'), test=('p4',)):
+  vols = {}
+  for sub, cases in (('training', train), ('testing', test)):
+    for i, case in enumerate(cases):
+      vols[case] = _case_volumes(int(case[1:]))
+      _write_nifti_case(os.path.join(root, sub, case), case, vols[case])
+  return str(root), vols
+
+
+def _fit_direct(plane):
+  """20 x 28 (x, ...) -> 24 x 24: 2 zero rows above and below, columns 2..25."""
+  pad = [(2, 2), (0, 0)] + [(0, 0)] * (plane.ndim - 2)
+  return np.pad(plane, pad)[:, 2:26]
+
+
+@pytest.fixture(scope='session')
+def nifti_set(tmp_path_factory):
+  base = tmp_path_factory.mktemp('nifti')
+  root, vols = _make_nifti_source(base / 'src')
+  args = DataArgs(name='nifti', source_dir=root, tfds_dir=str(base / 'tfds'),
+                  image_size=24, image_channels=2, num_annotators=2, nifti_axis=2,
+                  nifti_empty_fraction=0.5, seed=3, **NIFTI_PATTERNS)
+  counts = pipeline.prepare(args, str(base))
+  return args, base, vols, counts
+
+
+def test_nifti_records_equal_direct_computation(nifti_set):
+  args, base, vols, counts = nifti_set
+  expected = {}
+  for case, v in vols.items():
+    images = np.stack([_percentile_u8(v['flair']), _percentile_u8(v['t1'])], -1)
+    raters = np.stack([v['mask1'] > 0.5, v['mask2'] > 0.5])          # [A, X, Y, Z]
+    for z in range(SHAPE[2]):
+      expected[f'{case}_z{z}'] = (_fit_direct(images[:, :, z]),
+                                  _fit_direct(raters[:, :, :, z].transpose(1, 2, 0)
+                                              ).transpose(2, 0, 1).astype(np.uint8))
+  seen, split_cases = {}, {}
+  for split in ('train', 'test'):
+    got = _eval_all(args, base, split)
+    assert len(got['case_id']) == counts[split]
+    for i, cid in enumerate(got['case_id']):
+      image, masks = expected[str(cid)]
+      np.testing.assert_allclose(got['image'][i], image / 127.5 - 1, atol=1e-6)
+      np.testing.assert_array_equal(got['masks'][i], masks * 2.0 - 1)
+      case, z = str(cid).rsplit('_z', 1)
+      seen.setdefault(case, []).append(int(z))
+      split_cases.setdefault(split, set()).add(case)
+  assert split_cases == {'train': {'p1', 'p2', 'p3'}, 'test': {'p4'}}
+  for case, zs in seen.items():
+    v = vols[case]
+    marked = set(np.flatnonzero(((v['mask1'] > 0.5) | (v['mask2'] > 0.5)).any((0, 1))))
+    assert zs == sorted(zs)                       # slices in order
+    assert marked <= set(zs)                      # every marked slice kept
+    assert len(set(zs) - marked) == round(0.5 * (SHAPE[2] - len(marked)))
+  train = {k: v for k, v in expected.items() if k.split('_')[0] in ('p1', 'p2', 'p3')}
+  _check_train_batches(args, base, train, batch_size=4, num_batches=3)
+
+
+def test_nifti_empty_slices_are_seeded_and_axis_named():
+  marked = np.zeros(40, bool)
+  marked[10:14] = True
+  a = nifti.kept_slices(marked, 0.25, seed=0, case='c')
+  assert list(a) == list(nifti.kept_slices(marked, 0.25, seed=0, case='c'))
+  assert list(a) != list(nifti.kept_slices(marked, 0.25, seed=1, case='c'))
+  assert set(range(10, 14)) <= set(a) and len(a) == 4 + 9
+  assert list(nifti.kept_slices(marked, 0.0, 0, 'c')) == [10, 11, 12, 13]
+  assert len(nifti.kept_slices(marked, 1.0, 0, 'c')) == 40
+  assert nifti.case_slice_id('pat_01', 0, 7) == 'pat_01_x7'
+  assert nifti.parse_case_id('pat_01_y12') == ('pat_01', 1, 12)
+  plane = np.arange(20 * 28).reshape(20, 28)
+  np.testing.assert_array_equal(nifti.fit(plane, 24), _fit_direct(plane))
+  np.testing.assert_array_equal(nifti.unfit(nifti.fit(plane, 24), (20, 28))[:, 2:26],
+                                plane[:, 2:26])
+
+
+def test_nifti_other_axis_and_case_level_split(tmp_path):
+  """No testing/: test_fraction of the cases (whole cases, seeded); axis 0 slices."""
+  root, vols = _make_nifti_source(tmp_path / 'src', train=('p1', 'p2', 'p3', 'p4', 'p5'),
+                                  test=())
+  assert not os.path.exists(os.path.join(root, 'testing'))
+  # A 4-D volume with a trailing axis of length 1 reads as 3-D.
+  nib.save(nib.Nifti1Image(vols['p1']['flair'][..., None], AFFINE),
+           os.path.join(root, 'training', 'p1', 'p1_flair.nii.gz'))
+  args = DataArgs(name='nifti', source_dir=root, tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=28, image_channels=2, num_annotators=2, nifti_axis=0,
+                  test_fraction=0.4, validation_fraction=0.34, seed=0, **NIFTI_PATTERNS)
+  cases = {s: [c.case for c in cs] for s, cs in nifti.scan_source(args).items()}
+  assert [len(cases[s]) for s in ('train', 'validation', 'test')] == [2, 1, 2]
+  assert sorted(sum(cases.values(), [])) == ['p1', 'p2', 'p3', 'p4', 'p5']
+  other = {s: [c.case for c in cs]
+           for s, cs in nifti.scan_source(dataclasses.replace(args, seed=5)).items()}
+  assert other != cases
+  counts = pipeline.prepare(args, str(tmp_path))
+  got = _eval_all(args, tmp_path, 'test')
+  assert len(got['case_id']) == counts['test']
+  for i, cid in enumerate(got['case_id']):
+    case, axis, x = nifti.parse_case_id(str(cid))
+    assert case in cases['test'] and axis == 0 and str(cid) == f'{case}_x{x}'
+    v = vols[case]
+    plane = _percentile_u8(v['t1'])[x]                 # [28, 12] -> 28 x 28, padded
+    np.testing.assert_allclose(got['image'][i, :, 8:20, 1], plane / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(got['image'][i, :, :8], -1.0)
+    np.testing.assert_array_equal(got['masks'][i, 1, :, 8:20] > 0, v['mask2'][x] > 0.5)
+
+
+def test_nifti_write_back_restores_rater_volumes(nifti_set, tmp_path):
+  args, base, vols, _ = nifti_set
+  got = _eval_all(args, base, 'test')
+  slices = {nifti.parse_case_id(str(c))[2]: (m > 0).astype(np.uint8)
+            for c, m in zip(got['case_id'], got['masks'])}       # z -> [A = N, S, S]
+  ref = nifti.reference_file(args, 'p4')
+  assert ref.endswith('p4_flair.nii.gz')
+  samples_path, freq_path = nifti.write_samples(str(tmp_path / 'out'), 'p4', slices, ref,
+                                                axis=2)
+  samples, freq = nib.load(samples_path), nib.load(freq_path)
+  assert samples.shape == SHAPE + (2,) and freq.shape == SHAPE
+  np.testing.assert_allclose(samples.affine, AFFINE, atol=1e-5)
+  np.testing.assert_allclose(freq.affine, AFFINE, atol=1e-5)
+  assert samples.get_data_dtype() == np.uint8 and freq.get_data_dtype() == np.float32
+  data = np.asarray(samples.dataobj)
+  v = vols['p4']
+  raters = np.stack([v['mask1'] > 0.5, v['mask2'] > 0.5], -1)
+  for z in range(SHAPE[2]):
+    want = raters[:, :, z] if z in slices else np.zeros(SHAPE[:2] + (2,), bool)
+    np.testing.assert_array_equal(data[:, :, z] > 0, want)
+  np.testing.assert_allclose(np.asarray(freq.dataobj), data.mean(-1), atol=1e-6)
+  assert not [n for n in os.listdir(tmp_path / 'out') if n.startswith('.tmp')]
+  # One value per voxel along another axis: shape and affine of the reference.
+  path = nifti.write_volume(str(tmp_path / 'one.nii'), {3: np.ones((28, 28), np.float32)},
+                            ref, axis=0)
+  one = nib.load(path)
+  assert one.shape == SHAPE and np.allclose(one.affine, AFFINE, atol=1e-5)
+  arr = np.asarray(one.dataobj)
+  assert arr[3].sum() == SHAPE[1] * SHAPE[2] and arr.sum() == arr[3].sum()
+
+
+def _nifti_bad_source(root):
+  return _make_nifti_source(root, train=('p1', 'p2'), test=('p3',))[0]
+
+
+def _rm(rel):
+  return lambda root: os.remove(os.path.join(root, rel))
+
+
+def _save_vol(rel, vol, affine=AFFINE):
+  return lambda root: nib.save(nib.Nifti1Image(vol, affine), os.path.join(root, rel))
+
+
+def _write(rel, data):
+  def fn(root):
+    with open(os.path.join(root, rel), 'wb') as f:
+      f.write(data)
+  return fn
+
+
+def _one_file_for_two_patterns(root):
+  """p3's t1 and mask1 files replaced by one file that both patterns match."""
+  os.remove(os.path.join(root, 'testing/p3/p3_t1.nii.gz'))
+  os.rename(os.path.join(root, 'testing/p3/p3_mask1.nii.gz'),
+            os.path.join(root, 'testing/p3/p3_t1_mask1.nii.gz'))
+
+
+_NAN = np.zeros(SHAPE, np.float32)
+_NAN[1, 2, 3] = np.nan
+_OUTSIDE = np.zeros(SHAPE, np.uint8)
+_OUTSIDE[5, 0, 4] = 1          # column 0 is cropped away (24 of 28 columns kept)
+_SHIFTED = AFFINE.copy()
+_SHIFTED[0, 3] += 0.5
+NIFTI_BAD = {
+    # name: (break, expected message parts (case folder relative to ROOT first))
+    'pattern_matches_none': (_rm('training/p2/p2_mask2.nii.gz'),
+                             ['training/p2', "'*mask2*'", 'matches 0 files',
+                              'expected exactly one']),
+    'pattern_matches_two': (_save_vol('training/p1/p1_mask2_b.nii.gz', _OUTSIDE),
+                            ['training/p1', "'*mask2*'", 'matches 2 files',
+                             'p1_mask2.nii.gz, p1_mask2_b.nii.gz']),
+    'file_matches_two_patterns': (
+        _one_file_for_two_patterns,
+        ['testing/p3', 'p3_t1_mask1.nii.gz', "both '*t1*'", "'*mask1*'"]),
+    'rater_shape': (_save_vol('testing/p3/p3_mask1.nii.gz', np.zeros((20, 28, 11), np.uint8)),
+                    ['testing/p3', 'p3_mask1.nii.gz', '(20, 28, 11)', 'p3_flair.nii.gz',
+                     'expected equal shapes']),
+    'sequence_affine': (_save_vol('training/p2/p2_t1.nii.gz', np.zeros(SHAPE, np.float32),
+                                  _SHIFTED),
+                        ['training/p2', 'p2_t1.nii.gz', 'affine differs', '0.5']),
+    'nan_voxels': (_save_vol('training/p1/p1_t1.nii.gz', _NAN),
+                   ['training/p1', 'p1_t1.nii.gz', '1 voxel(s) are NaN']),
+    'marks_cropped_away': (_save_vol('training/p2/p2_mask1.nii.gz', _OUTSIDE),
+                           ['training/p2', 'p2_mask1.nii.gz', '1 marked voxel(s)',
+                            '24x24 crop', 'data.image_size']),
+    'volume_2d': (_save_vol('testing/p3/p3_flair.nii.gz', np.zeros((20, 28), np.int16)),
+                  ['testing/p3', 'p3_flair.nii.gz', 'expected a 3-D volume']),
+    'unreadable': (_write('training/p1/p1_mask1.nii.gz', b'not nifti'),
+                   ['training/p1', 'p1_mask1.nii.gz', 'cannot read NIfTI']),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(NIFTI_BAD))
+def test_nifti_bad_case_names_folder_and_file(tmp_path, kind):
+  root = _nifti_bad_source(tmp_path / 'src')
+  breaker, parts = NIFTI_BAD[kind]
+  breaker(root)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='nifti', source_dir=root, tfds_dir=tfds_dir, image_size=24,
+                  image_channels=2, num_annotators=2, **NIFTI_PATTERNS)
+  parts = [os.path.join(root, parts[0])] + parts[1:]
+  _raises_data_error(args, tfds_dir, tmp_path, parts)
+
+
+# --------------------------------------------------------------------------- wide folder images
+
+
+@pytest.fixture(scope='session')
+def wide_folder(tmp_path_factory):
+  """CIMD folder: a 16-bit PNG case, a float TIFF case, an 8-bit PNG case."""
+  base = tmp_path_factory.mktemp('wide')
+  rng = np.random.default_rng(4)
+  img16 = rng.integers(200, 40000, (16, 16)).astype(np.uint16)
+  img16[0, 0] = 65535                                          # outlier: clipped
+  imgf = rng.normal(-3.0, 2.0, (16, 16)).astype(np.float32)
+  img8 = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+  files = {('training', 'c0'): ('image_1.png', img16), ('training', 'c1'): ('image_1.tiff', imgf),
+           ('testing', 'c2'): ('image_1.png', img8)}
+  for (sub, case), (name, image) in files.items():
+    d = base / 'src' / sub / case
+    os.makedirs(d)
+    Image.fromarray(image).save(d / name)
+    for k in range(2):
+      m = np.zeros((16, 16), np.uint8)
+      m[3:9, 2 + k:10] = 255
+      Image.fromarray(m).save(d / f'label{k}_.png')
+  assert Image.open(base / 'src/training/c0/image_1.png').mode == 'I;16'
+  assert Image.open(base / 'src/training/c1/image_1.tiff').mode == 'F'
+  args = DataArgs(name='folder', source_dir=str(base / 'src'), tfds_dir=str(base / 'tfds'),
+                  image_size=16, num_annotators=2)
+  counts = pipeline.prepare(args, str(base))
+  return args, base, {'c0': img16, 'c1': imgf, 'c2': img8}, counts
+
+
+def test_folder_wide_images_use_percentile_rule(wide_folder):
+  args, base, images, counts = wide_folder
+  assert counts == {'train': 2, 'test': 1}
+  train = _eval_all(args, base, 'train')
+  assert list(train['case_id']) == ['c0', 'c1']
+  for i, case in enumerate(['c0', 'c1']):
+    want = _percentile_u8(images[case])
+    assert want.min() == 0 and want.max() == 255
+    np.testing.assert_allclose(train['image'][i, ..., 0], want / 127.5 - 1, atol=1e-6)
+  # 8-bit images are kept byte for byte.
+  test = _eval_all(args, base, 'test')
+  np.testing.assert_allclose(test['image'][0, ..., 0], images['c2'] / 127.5 - 1, atol=1e-6)
+  # Other percentiles: another cache, other values.
+  other = dataclasses.replace(args, percentile_low=5.0, percentile_high=95.0)
+  pipeline.prepare(other, str(base))
+  got = _eval_all(other, base, 'train')['image'][0, ..., 0]
+  np.testing.assert_allclose(got, _percentile_u8(images['c0'], 5, 95) / 127.5 - 1, atol=1e-6)
+
+
+def test_input_images_convert_like_training(wide_folder, tmp_path):
+  args, base, images, _ = wide_folder
+  src = os.path.join(args.source_dir, 'training')
+  train = _eval_all(args, base, 'train')
+  for i, (case, name) in enumerate((('c0', 'image_1.png'), ('c1', 'image_1.tiff'))):
+    got = image_folder.read_input_image(case, os.path.join(src, case, name), 16, 1, False)
+    np.testing.assert_allclose(got.image, train['image'][i], atol=1e-6)
+    three = image_folder.read_input_image(case, os.path.join(src, case, name), 16, 3, False)
+    np.testing.assert_allclose(three.image, np.repeat(train['image'][i], 3, -1), atol=1e-6)
+  path8 = os.path.join(args.source_dir, 'testing', 'c2', 'image_1.png')
+  got8 = image_folder.read_input_image('c2', path8, 16, 1, False)
+  np.testing.assert_allclose(got8.image[..., 0], images['c2'] / 127.5 - 1, atol=1e-6)
+  colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(colour).save(tmp_path / 'colour.png')
+  with pytest.raises(image_folder.BadInputImage) as err:
+    image_folder.read_input_image('x', str(tmp_path / 'colour.png'), 16, 1, False)
+  assert 'colour.png' in str(err.value) and '3 channels' in str(err.value)
+  grey_rgb = np.repeat(images['c2'][..., None], 3, -1)
+  Image.fromarray(grey_rgb).save(tmp_path / 'grey.png')
+  got = image_folder.read_input_image('g', str(tmp_path / 'grey.png'), 16, 1, False)
+  np.testing.assert_allclose(got.image, got8.image, atol=1e-6)
+  big = np.full((20, 20), 1000, np.uint16)
+  big[:10] = 3000
+  Image.fromarray(big).save(tmp_path / 'big.png')
+  with pytest.raises(image_folder.BadInputImage, match=r'big\.png.*20x20.*expected 16x16'):
+    image_folder.read_input_image('b', str(tmp_path / 'big.png'), 16, 1, False)
+  resized = image_folder.read_input_image('b', str(tmp_path / 'big.png'), 16, 1, True)
+  assert resized.image.min() == -1.0 and resized.image.max() == 1.0   # not clipped at 255
+
+
+def test_folder_wide_image_with_nan_is_named(tmp_path):
+  bad = np.zeros((16, 16), np.float32)
+  bad[2, 2] = np.nan
+  for sub in ('training', 'testing'):
+    d = tmp_path / 'src' / sub / 'c0'
+    os.makedirs(d)
+    Image.fromarray(bad if sub == 'training' else np.zeros((16, 16), np.uint8)).save(
+        d / ('image_1.tif' if sub == 'training' else 'image_1.png'))
+    for k in range(2):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / f'label{k}_.png')
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='folder', source_dir=str(tmp_path / 'src'), tfds_dir=tfds_dir,
+                  image_size=16, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, ['training/c0', 'image_1.tif', 'NaN',
+                                                'expected finite'])
+
+
+# --------------------------------------------------------------------------- DataArgs
+
+
+def test_config_keys_equal_data_args_fields():
+  config = default_config.get_config()
+  fields = {f.name for f in dataclasses.fields(DataArgs)}
+  assert set(config.data.keys()) == fields
+  args = DataArgs(**config.data)
+  assert args == DataArgs()
+  listed = DataArgs(name='nifti', source_dir='/x', image_channels=2, num_annotators=1,
+                    nifti_image_patterns=['*a*', '*b*'], nifti_rater_patterns=['*m*'],
+                    hdf5_image_range=[0, 1])
+  assert listed.nifti_image_patterns == ('*a*', '*b*') and hash(listed)
+  assert listed.hdf5_image_range == (0.0, 1.0)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(name='lidc'), 'data.name'),
+    (dict(name='lidc_pickle'), 'data.source_dir'),
+    (dict(name='lidc_hdf5'), 'data.source_dir'),
+    (dict(test_fraction=1.0), r'data.test_fraction must be in \[0, 1\)'),
+    (dict(split_file='s.json'), 'data.split_file is only read by'),
+    (dict(hdf5_image_range=(1.0, 0.0)), 'data.hdf5_image_range'),
+    (dict(hdf5_image_range=(0.0,)), 'data.hdf5_image_range must hold 2'),
+    (dict(percentile_low=50, percentile_high=40), 'data.percentile_low'),
+    (dict(percentile_high=101), 'data.percentile_high'),
+    (dict(nifti_axis=3), 'data.nifti_axis must be 0, 1 or 2'),
+    (dict(nifti_empty_fraction=1.5), r'data.nifti_empty_fraction must be in \[0, 1\]'),
+    (dict(nifti_image_patterns='*flair*'), 'data.nifti_image_patterns must be a tuple'),
+    (dict(name='nifti', source_dir='/x', nifti_image_patterns=('*a*', '*b*'),
+          nifti_rater_patterns=('*m*',) * 4), 'data.nifti_image_patterns must hold'),
+    (dict(name='nifti', source_dir='/x', nifti_image_patterns=('*a*',),
+          nifti_rater_patterns=('*m*',)), 'data.nifti_rater_patterns must hold'),
+    (dict(name='nifti', source_dir='/x', nifti_image_patterns=('*a*',),
+          nifti_rater_patterns=('*m*',) * 4, resize=True), 'data.resize must be False'),
+])
+def test_data_args_checks_new_keys(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    DataArgs(**kwargs)
+
+
+def test_held_out_split_counts_and_errors():
+  ids = [f'u{i}' for i in range(10)]
+  out = splits.held_out_split(ids, 0.25, 0.2, seed=0, what='patient')
+  assert [len(out[s]) for s in ('train', 'validation', 'test')] == [6, 2, 2]
+  assert sorted(sum(out.values(), []), key=splits.natural_key) == ids
+  assert splits.held_out_split(ids, 0.0, 0.0, 0, 'patient') == {'train': ids}
+  with pytest.raises(folder.DataError, match='leave no training patient'):
+    splits.held_out_split(ids[:2], 0.5, 0.5, 0, 'patient')
