@@ -584,8 +584,9 @@ BAD_INPUTS = {
                          'missing label2_']),
     'missing_image': (_remove('training/case_2/image_1.png'), {},
                       ['training/case_2', 'no image file']),
-    'bad_file_name': (_save('training/case_0/label_x.png', _GRAY), {},
-                      ['training/case_0', 'label_x.png', 'unrecognised']),
+    'ambiguous_label_names': (_save('training/case_0/label1_second.png', _GRAY), {},
+                              ['training/case_0', 'label1_.png', 'label1_second.png',
+                               'two label files for expert 1']),
     'image_wrong_size': (_save('training/case_3/image_1.png', np.zeros((16, 20), np.uint8)),
                          {}, ['training/case_3', 'image_1.png', '20x16',
                               'expected 16x16', 'resize']),
@@ -608,6 +609,43 @@ BAD_INPUTS = {
         ['training/case_1', 'image_1.png', '3 channels', 'expected 1']),
     'empty_split': (_empty_split, {}, ['testing', 'holds no case folders']),
 }
+
+
+def test_file_names_follow_the_official_rule(tmp_path, caplog):
+  """A file's type is its name up to the first '_' (the official loader's rule):
+  images named after the case, labels with any suffix; several images stack in
+  natural order; other files are ignored and listed once."""
+  root = tmp_path / 'src'
+  rng = np.random.default_rng(3)
+  expected = {}
+  for split, sub in (('train', 'training'), ('test', 'testing')):
+    case = root / sub / 'case0042'
+    case.mkdir(parents=True)
+    channels = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2)]
+    # natural order: image_t2 before image_t10
+    Image.fromarray(channels[0]).save(case / 'image_t2.png')
+    Image.fromarray(channels[1]).save(case / 'image_t10.png')
+    masks = []
+    for i, name in enumerate(('label0_anna.png', 'label1_.png', 'label2.png')):
+      m = (rng.random((16, 16)) > 0.6).astype(np.uint8) * 255
+      Image.fromarray(m).save(case / name)
+      masks.append(m > 127)
+    (case / 'notes.txt').write_text('reader notes')
+    Image.fromarray(_GRAY).save(case / 'mask_extra.png')
+    expected[split] = (np.stack(channels, -1), np.stack(masks))
+  args = DataArgs(name='folder', source_dir=str(root), tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=16, image_channels=2, num_annotators=3)
+  with caplog.at_level('INFO'):
+    pipeline.prepare(args, str(tmp_path))
+  ignored = [r.getMessage() for r in caplog.records if 'ignored' in r.getMessage()]
+  assert len(ignored) == 2, ignored   # one line per split folder, not per file
+  assert 'case0042/mask_extra.png' in ignored[0] and 'case0042/notes.txt' in ignored[0]
+  for split in ('train', 'test'):
+    batch = next(pipeline.eval_batches(args, str(tmp_path), split, batch_size=1))
+    image, masks = expected[split]
+    np.testing.assert_array_equal(np.round((batch['image'][0] + 1) * 127.5), image)
+    np.testing.assert_array_equal(batch['masks'][0] > 0, masks)
+    assert batch['case_id'][0] == 'case0042'
 
 
 @pytest.mark.parametrize('kind', sorted(BAD_INPUTS))

@@ -1,13 +1,18 @@
 """TFDS builder for the CIMD folder layout (LIDC crops as shipped by the official repo);
 over 250 lines because every check of the layout keeps its one-line error here.
 
-  ROOT/training/<case>/image_<k>.<ext>   the image (one file; or C single-channel
-                                         files stacked as channels)
-  ROOT/training/<case>/label<i>_.<ext>   expert i = 0 .. A-1 (the '_' is optional)
-  ROOT/testing/<case>/...                same, the 'test' split
+  ROOT/training/<case>/image_<anything>.<ext>   the image (one file; or C single-
+                                                channel files stacked as channels)
+  ROOT/training/<case>/label<i>_<anything>.<ext>  expert i = 0 .. A-1
+  ROOT/testing/<case>/...                       same, the 'test' split
 
-Cases are ordered by natural sort of the folder names ('2' before '10'); that is the
-record order of every split; <ext> is jpg, jpeg, png, tif or tiff. A label pixel is
+A file's type is its name up to the first '_', as the official CIMD loader reads it
+('image_case0042.jpg' is the image, 'label2_.jpg' and 'label2_anna.png' expert 2;
+'label2.jpg' too); other files are ignored and listed once in the log, and two files
+claiming the same expert are an error. Cases are ordered by natural sort of the
+folder names ('2' before '10'); that is the record order of every split; several
+image files stack in natural order of their names; <ext> is jpg, jpeg, png, tif or
+tiff. A label pixel is
 foreground when > mask_threshold (127 of 255: the masks are JPEGs, and `> 0` would
 add JPEG ringing as foreground). Images wider than 8 bits (16-bit PNG/TIFF, float
 TIFF) are mapped to 8 bits per image by the percentile rule of `intensity`; 8-bit
@@ -23,6 +28,7 @@ import os
 import re
 from typing import Any, Iterator
 
+from absl import logging
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -34,8 +40,9 @@ from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
 
 SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
-_IMAGE_RE = re.compile(r'^image_(\d+)\.(jpg|jpeg|png|tif|tiff)$', re.IGNORECASE)
-_LABEL_RE = re.compile(r'^label(\d+)_?\.(jpg|jpeg|png|tif|tiff)$', re.IGNORECASE)
+# A file's type is its name up to the first '_' (the official CIMD loader's rule), or
+# the name without extension when it has no '_': 'image' or 'label<i>'.
+_LABEL_TYPE = re.compile(r'^label(\d+)$', re.IGNORECASE)
 # Modes PIL gives 8-bit images in (wider ones are mapped to L by `to_8bit`).
 _IMAGE_MODES = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
 _MASK_MODES = ('L', '1')
@@ -53,13 +60,23 @@ class CaseFiles:
   Attributes:
     case_id: the folder name.
     folder: absolute path of the case folder.
-    images: image file names, in natural order of <k>.
-    labels: label file names, label0_ .. label{A-1}_ in expert order.
+    images: image file names (type 'image'), in natural order of their names.
+    labels: label file names, label0 .. label{A-1} in expert order.
+    ignored: files of the folder that are neither (other types or extensions).
   """
   case_id: str
   folder: str
   images: tuple[str, ...]
   labels: tuple[str, ...]
+  ignored: tuple[str, ...] = ()
+
+
+def file_type(name: str) -> str:
+  """The type of a case file by the official CIMD loader's rule: the name up to the
+  first '_' ('image_case42.png' -> 'image', 'label2_.jpg' -> 'label2'), or the name
+  without its extension when there is no '_' ('label2.jpg' -> 'label2'); lower case."""
+  stem = name.split('_', 1)[0] if '_' in name else os.path.splitext(name)[0]
+  return stem.lower()
 
 
 def _where(folder: str, file: str | None = None) -> str:
@@ -67,43 +84,48 @@ def _where(folder: str, file: str | None = None) -> str:
 
 
 def scan_case(folder: str, num_annotators: int) -> CaseFiles:
-  """Lists and checks the file names of one case folder (reads no pixels)."""
-  images, labels = [], {}
-  for name in sorted(os.listdir(folder)):
+  """Lists and checks the file names of one case folder (reads no pixels).
+
+  By the official loader's rule (`file_type`), files of type 'image' with an image
+  extension are the image (several stack as channels in natural order of their
+  names) and files of type 'label<i>' are expert i; two files claiming the same
+  expert are an error; anything else is ignored (and listed in `ignored`).
+  """
+  images, labels, ignored = [], {}, []
+  for name in sorted(os.listdir(folder), key=natural_key):
     if name.startswith('.') or os.path.isdir(os.path.join(folder, name)):
       continue
-    lower = name.lower()
-    if m := _IMAGE_RE.match(name):
-      images.append((int(m.group(1)), name))
-    elif m := _LABEL_RE.match(name):
+    kind = file_type(name)
+    is_image_file = name.lower().endswith(EXTENSIONS)
+    if kind == 'image' and is_image_file:
+      images.append(name)
+    elif (m := _LABEL_TYPE.match(kind)) and is_image_file:
       index = int(m.group(1))
       if index in labels:
         raise DataError(f'{_where(folder, name)}: two label files for expert {index} '
-                        f'({labels[index]} and {name}); expected one label{index}_ file')
+                        f'({labels[index]} and {name}); expected one label{index}_* file')
       labels[index] = name
-    elif lower.startswith(('image', 'label')):
-      raise DataError(
-          f'{_where(folder, name)}: unrecognised file name; expected image_<k>.<ext> or '
-          f'label<i>_.<ext> with <ext> one of {", ".join(EXTENSIONS)}')
+    else:
+      ignored.append(name)
   if not images:
-    raise DataError(f'{_where(folder)}: no image file; expected image_<k>.<ext> with '
-                    f'<ext> one of {", ".join(EXTENSIONS)}')
+    raise DataError(f'{_where(folder)}: no image file; expected image_<anything>.<ext> '
+                    f'with <ext> one of {", ".join(EXTENSIONS)}')
   expected = set(range(num_annotators))
   missing, extra = sorted(expected - set(labels)), sorted(set(labels) - expected)
   if missing or extra:
     parts = []
     if missing:
-      parts.append('missing ' + ', '.join(f'label{i}_' for i in missing))
+      parts.append('missing ' + ', '.join(f'label{i}_*' for i in missing))
     if extra:
       parts.append('extra ' + ', '.join(labels[i] for i in extra))
     raise DataError(
         f'{_where(folder)}: has {len(labels)} label file(s) '
         f'({", ".join(labels[i] for i in sorted(labels)) or "none"}); expected '
-        f'{num_annotators} (data.num_annotators): label0_ .. label{num_annotators - 1}_; '
+        f'{num_annotators} (data.num_annotators): label0_* .. label{num_annotators - 1}_*; '
         + '; '.join(parts))
-  return CaseFiles(case_id=os.path.basename(folder), folder=folder,
-                   images=tuple(n for _, n in sorted(images)),
-                   labels=tuple(labels[i] for i in range(num_annotators)))
+  return CaseFiles(case_id=os.path.basename(folder), folder=folder, images=tuple(images),
+                   labels=tuple(labels[i] for i in range(num_annotators)),
+                   ignored=tuple(ignored))
 
 
 def scan_split_folder(split_dir: str, num_annotators: int) -> list[CaseFiles]:
@@ -117,8 +139,15 @@ def scan_split_folder(split_dir: str, num_annotators: int) -> list[CaseFiles]:
                  key=natural_key)
   if not names:
     raise DataError(f'split folder {split_dir} holds no case folders; expected '
-                    f'{split_dir}/<case>/image_<k>.jpg + label0_.jpg ...')
-  return [scan_case(os.path.join(split_dir, n), num_annotators) for n in names]
+                    f'{split_dir}/<case>/image_<anything>.jpg + label0_<anything>.jpg ...')
+  cases = [scan_case(os.path.join(split_dir, n), num_annotators) for n in names]
+  ignored = [f'{c.case_id}/{name}' for c in cases for name in c.ignored]
+  if ignored:
+    shown = ', '.join(ignored[:8]) + (f' and {len(ignored) - 8} more' if len(ignored) > 8
+                                      else '')
+    logging.info('%s: ignored %d file(s) that are neither image_* nor label<i>_* images: '
+                 '%s', split_dir, len(ignored), shown)
+  return cases
 
 
 def validation_cases(num_cases: int, fraction: float, seed: int) -> np.ndarray:
