@@ -104,7 +104,7 @@ def make_params(seed=0):
   x = jnp.zeros((1, SIZE, SIZE, CHANNELS + 1))
   shapes = jax.eval_shape(NETWORKS.amn.init, jax.random.key(0), x)['params']
 
-  def he_normal(leaf):   # the networks' own init, drawn in numpy (no compilation)
+  def he_normal(leaf):   # He-normal kernels, zero biases, drawn in numpy (no compilation)
     if len(leaf.shape) == 1:
       return jnp.zeros(leaf.shape, jnp.float32)
     fan_in = int(np.prod(leaf.shape[:-1]))
