@@ -95,6 +95,7 @@ def main(argv):
     runtime.initialize_distributed(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
+    guard.arm()
     runtime.enable_compilation_cache()
     import jax  # pylint: disable=g-import-not-at-top
     from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
@@ -105,10 +106,11 @@ def main(argv):
     log_path = _log_file(workdir, mode, jax.process_index())
     from cimd_jax.apps import modes  # pylint: disable=g-import-not-at-top
     modes.run(mode, settings, workdir, overrides, should_stop=guard.should_stop)
+    guard.disarm()
     if guard.stop_requested:
       logging.warning('Stopped before the end (stop requested); run the same command to '
                       'resume')
-      guard.fail('stopped on request', job.EXIT_STOPPED)
+      sys.exit(job.EXIT_STOPPED)
   except errors.UserError as e:
     log_path = log_path or _log_file(workdir, mode, _PROCESS_ID.value or 0)
     if log_path:

@@ -771,34 +771,67 @@ def test_folder_wide_images_use_percentile_rule(wide_folder):
   np.testing.assert_allclose(got, _percentile_u8(images['c0'], 5, 95) / 127.5 - 1, atol=1e-6)
 
 
+def _read_input(path, channels=1, resize=False, **data):
+  """One input file through image_folder, as --mode=sample reads it."""
+  case = image_folder.InputCase(os.path.splitext(os.path.basename(path))[0],
+                                os.path.dirname(path), (os.path.basename(path),))
+  args = DataArgs(name='synthetic', image_size=16, image_channels=channels, resize=resize,
+                  **data)
+  return image_folder.read_input_image(case, args)
+
+
 def test_input_images_convert_like_training(wide_folder, tmp_path):
   args, base, images, _ = wide_folder
   src = os.path.join(args.source_dir, 'training')
   train = _eval_all(args, base, 'train')
   for i, (case, name) in enumerate((('c0', 'image_1.png'), ('c1', 'image_1.tiff'))):
-    got = image_folder.read_input_image(case, os.path.join(src, case, name), 16, 1, False)
+    got = _read_input(os.path.join(src, case, name))
     np.testing.assert_allclose(got.image, train['image'][i], atol=1e-6)
-    three = image_folder.read_input_image(case, os.path.join(src, case, name), 16, 3, False)
+    three = _read_input(os.path.join(src, case, name), channels=3)
     np.testing.assert_allclose(three.image, np.repeat(train['image'][i], 3, -1), atol=1e-6)
   path8 = os.path.join(args.source_dir, 'testing', 'c2', 'image_1.png')
-  got8 = image_folder.read_input_image('c2', path8, 16, 1, False)
+  got8 = _read_input(path8)
   np.testing.assert_allclose(got8.image[..., 0], images['c2'] / 127.5 - 1, atol=1e-6)
   colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
   Image.fromarray(colour).save(tmp_path / 'colour.png')
   with pytest.raises(image_folder.BadInputImage) as err:
-    image_folder.read_input_image('x', str(tmp_path / 'colour.png'), 16, 1, False)
+    _read_input(str(tmp_path / 'colour.png'))
   assert 'colour.png' in str(err.value) and '3 channels' in str(err.value)
   grey_rgb = np.repeat(images['c2'][..., None], 3, -1)
   Image.fromarray(grey_rgb).save(tmp_path / 'grey.png')
-  got = image_folder.read_input_image('g', str(tmp_path / 'grey.png'), 16, 1, False)
+  got = _read_input(str(tmp_path / 'grey.png'))
   np.testing.assert_allclose(got.image, got8.image, atol=1e-6)
   big = np.full((20, 20), 1000, np.uint16)
   big[:10] = 3000
   Image.fromarray(big).save(tmp_path / 'big.png')
   with pytest.raises(image_folder.BadInputImage, match=r'big\.png.*20x20.*expected 16x16'):
-    image_folder.read_input_image('b', str(tmp_path / 'big.png'), 16, 1, False)
-  resized = image_folder.read_input_image('b', str(tmp_path / 'big.png'), 16, 1, True)
+    _read_input(str(tmp_path / 'big.png'))
+  resized = _read_input(str(tmp_path / 'big.png'), resize=True)
   assert resized.image.min() == -1.0 and resized.image.max() == 1.0   # not clipped at 255
+
+
+def test_input_folder_ids_are_distinct_and_case_folders_stack_channels(tmp_path):
+  """x.png, x.jpg and a case folder x get three ids; a case folder's image_* files
+  stack as channels like the training reader's."""
+  rng = np.random.default_rng(5)
+  inputs = tmp_path / 'inputs'
+  (inputs / 'x').mkdir(parents=True)
+  first, second = (rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2))
+  Image.fromarray(first).save(inputs / 'x.png')
+  Image.fromarray(first).save(inputs / 'x.jpg')
+  Image.fromarray(first).save(inputs / 'x' / 'image_t2.png')
+  Image.fromarray(second).save(inputs / 'x' / 'image_t10.png')
+  Image.fromarray(second).save(inputs / 'x' / 'label0_.png')
+  Image.fromarray(second).save(inputs / 'y.png')
+  cases = image_folder.list_input_images(str(inputs))
+  assert [c.case_id for c in cases] == ['x', 'x.jpg', 'x.png', 'y']
+  args = DataArgs(name='synthetic', image_size=16, image_channels=2)
+  stacked = image_folder.read_input_image(cases[0], args)
+  np.testing.assert_allclose(stacked.image, np.stack([first, second], -1) / 127.5 - 1,
+                             atol=1e-6)
+  single = image_folder.read_input_image(cases[-1], args)   # one channel -> replicated
+  np.testing.assert_allclose(single.image, np.repeat(second[..., None], 2, -1) / 127.5 - 1,
+                             atol=1e-6)
 
 
 def test_folder_wide_image_with_nan_is_named(tmp_path):

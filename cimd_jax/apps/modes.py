@@ -26,7 +26,7 @@ MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers')
 
 
 def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
-        should_stop: Callable[[], bool] | None = None) -> Any:
+        should_stop: Callable[[int], bool] | None = None) -> Any:
   """Runs `mode` (one of MODES) and returns its result."""
   if mode == 'train':
     return train(settings, workdir, overrides, should_stop)
@@ -62,7 +62,7 @@ def resume_settings(settings: settings_lib.Settings, workdir: str, overrides: se
 
 
 def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
-          should_stop: Callable[[], bool] | None = None):
+          should_stop: Callable[[int], bool] | None = None):
   """Trains (resuming from WORKDIR/checkpoints when present); returns the final state."""
   os.makedirs(workdir, exist_ok=True)
   lock = workdir_lock(workdir) if jax.process_index() == 0 else None
@@ -84,7 +84,7 @@ def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
 
 
 def demo(settings: settings_lib.Settings, workdir: str, overrides: set[str],
-         should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+         should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
   """Train -> evaluate -> baselines and calibration -> WORKDIR/report/."""
   from cimd_jax.apps import demo as demo_lib  # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import sampling  # pylint: disable=g-import-not-at-top

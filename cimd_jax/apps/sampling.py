@@ -88,16 +88,15 @@ def folder_cases(settings: settings_lib.Settings) -> tuple[list[Case], list[str]
   found = image_folder.list_input_images(sampling.input_dir)
   if sampling.max_images > 0:
     found = found[:sampling.max_images]
-  for case_id, path in found:
+  for found_case in found:
     try:
-      img = image_folder.read_input_image(case_id, path, data.image_size,
-                                          data.image_channels, data.resize)
+      img = image_folder.read_input_image(found_case, data)
     except image_folder.BadInputImage as e:
       if not sampling.skip_bad_inputs:
         raise InputError(str(e)) from e
       skipped.append(str(e))
       continue
-    cases.append(Case(case_id, img.image))
+    cases.append(Case(found_case.case_id, img.image))
   return cases, skipped
 
 

@@ -1,17 +1,24 @@
 """Unlabelled input images for `--mode=sample --config.sampling.input_dir=DIR`.
 
-Accepted layouts: image files directly in DIR (case id = file name without
-extension), and/or case folders DIR/<case>/image_*.(png|jpg) as in the CIMD layout
-(case id = folder name; label files, if any, are ignored).
+Accepted layouts: image files directly in DIR (.png, .jpg, .jpeg, .bmp, .tif, .tiff),
+and/or case folders DIR/<case>/ holding `image_*` files as in the CIMD layout (several
+stack as channels; label files, if any, are ignored). Every input is read by the
+training reader (`folder.read_image` with the run's DataArgs): the same channel
+rules, the same percentile rule for images wider than 8 bits, the same size checks.
+
+Case ids: a file's name without its extension, or the folder's name; when two inputs
+would get the same id (`x.png` and `x.jpg`, or `x.png` and a folder `x`), the files
+keep their full names (`x.png`, `x.jpg`), so every input has its own id.
 """
 
+import collections
 import dataclasses
 import os
 
 import numpy as np
-from PIL import Image
 
 from cimd_jax.data import folder
+from cimd_jax.data.args import DataArgs
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -23,60 +30,61 @@ class BadInputImage(ValueError):
 @dataclasses.dataclass(frozen=True)
 class InputImage:
   case_id: str
-  path: str
+  path: str           # the image file, or the case folder
   image: np.ndarray   # float32 [H, W, C] in [-1, 1]
 
 
-def list_input_images(input_dir: str) -> list[tuple[str, str]]:
-  """(case_id, path) of every input image in `input_dir`, sorted by case id."""
+@dataclasses.dataclass(frozen=True)
+class InputCase:
+  """One input: `folder` holds the image file(s) `images` (natural order)."""
+  case_id: str
+  folder: str
+  images: tuple[str, ...]
+
+  @property
+  def path(self) -> str:
+    return (os.path.join(self.folder, self.images[0]) if len(self.images) == 1
+            else self.folder)
+
+
+def list_input_images(input_dir: str) -> list[InputCase]:
+  """Every input of `input_dir` with a distinct case id, sorted by case id."""
   if not os.path.isdir(input_dir):
-    raise FileNotFoundError(f'sampling.input_dir {input_dir!r} does not exist or is not a folder')
-  found = []
-  for name in sorted(os.listdir(input_dir)):
+    raise FileNotFoundError(f'sampling.input_dir {input_dir!r} does not exist or is not '
+                            'a folder')
+  files, folders = [], []
+  for name in sorted(os.listdir(input_dir), key=folder.natural_key):
     path = os.path.join(input_dir, name)
+    if name.startswith('.'):
+      continue
     if os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS):
-      found.append((os.path.splitext(name)[0], path))
+      files.append(name)
     elif os.path.isdir(path):
-      images = sorted(f for f in os.listdir(path)
-                      if f.startswith('image') and f.lower().endswith(IMAGE_EXTENSIONS))
+      images = [f for f in sorted(os.listdir(path), key=folder.natural_key)
+                if folder.file_type(f) == 'image' and f.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(path, f))]
       if images:
-        found.append((name, os.path.join(path, images[0])))
-  if not found:
+        folders.append(InputCase(name, path, tuple(images)))
+  stems = collections.Counter([os.path.splitext(n)[0] for n in files] +
+                              [c.case_id for c in folders])
+  cases = [InputCase(os.path.splitext(n)[0] if stems[os.path.splitext(n)[0]] == 1 else n,
+                     input_dir, (n,)) for n in files] + folders
+  if not cases:
     raise FileNotFoundError(
         f'sampling.input_dir {input_dir!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}) '
         'and no case folders with image_* files')
-  return found
+  ids = [c.case_id for c in cases]
+  assert len(set(ids)) == len(ids), ids
+  return sorted(cases, key=lambda c: folder.natural_key(c.case_id))
 
 
-def read_input_image(case_id: str, path: str, image_size: int, image_channels: int,
-                     resize: bool, percentile_low: float = 0.5,
-                     percentile_high: float = 99.5) -> InputImage:
-  """Reads one image as float32 [H, W, C] in [-1, 1]; BadInputImage names the file.
-
-  The conversion is the folder reader's (`folder.to_8bit`, `folder.match_channels`):
-  images wider than 8 bits (16-bit, float) are mapped to 0..255 by the per-image
-  percentile rule with `percentile_low` / `percentile_high` (data.percentile_low /
-  data.percentile_high), a single-channel image is replicated to `image_channels`,
-  and a colour image with unequal channels for image_channels=1 is refused, as in
-  training; 8-bit images keep their values.
-  """
+def read_input_image(case: InputCase, args: DataArgs) -> InputImage:
+  """Reads one input as float32 [H, W, C] in [-1, 1] by the training reader's rules;
+  BadInputImage names the file and what was expected."""
+  files = folder.CaseFiles(case_id=case.case_id, folder=case.folder, images=case.images,
+                           labels=())
   try:
-    with Image.open(path) as img:
-      img.load()
-      img = img.copy()
-  except Exception as e:  # PIL raises several types for broken files
-    raise BadInputImage(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
-  try:
-    if img.size != (image_size, image_size) and not resize:
-      raise BadInputImage(
-          f'{path}: image is {img.size[0]}x{img.size[1]}, expected '
-          f'{image_size}x{image_size} (set data.resize=True to resize)')
-    img8 = folder.to_8bit(img, path, percentile_low, percentile_high)
-    if img8.size != (image_size, image_size):
-      img8 = img8.resize((image_size, image_size), Image.BILINEAR)
-    arr = np.asarray(img8, np.uint8)
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    arr = folder.match_channels(arr, image_channels, path, img8.mode)
+    image, _ = folder.read_image(files, args)
   except folder.DataError as e:
     raise BadInputImage(str(e)) from None
-  return InputImage(case_id, path, arr.astype(np.float32) / 127.5 - 1.0)
+  return InputImage(case.case_id, case.path, image.astype(np.float32) / 127.5 - 1.0)

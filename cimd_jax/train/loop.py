@@ -21,7 +21,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from cimd_jax import checkpoint
@@ -36,6 +35,7 @@ from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
 from cimd_jax.train.args import TrainingArgs
 from cimd_jax.utils import config_args
+from cimd_jax.utils import runtime
 from cimd_jax.utils.errors import DivergenceError
 
 _WINDOW_KEYS = ('loss', 'mse', 'vlb', 'kl', 'grad_norm', 'param_norm')
@@ -95,7 +95,7 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
                        training: TrainingArgs, sampling: SamplingArgs,
                        config: dict[str, Any],
                        on_log: Callable[[int, dict[str, float]], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None
+                       should_stop: Callable[[int], bool] | None = None
                        ) -> state_lib.TrainState:
   """Trains to `training.num_steps` steps in total (resuming if possible).
 
@@ -103,8 +103,9 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
     config: the run's configuration (settings.to_dict), stored with every checkpoint
       and written to TensorBoard's hparams.
     on_log: receives (step, scalars) at each log step.
-    should_stop: polled every step; when it returns True (e.g. after SIGTERM) the
-      loop saves a checkpoint of the current state (if finite) and returns early.
+    should_stop: `should_stop(step)` is asked after every step (the same answer on
+      every process); when True (e.g. after SIGTERM) the loop saves a checkpoint of
+      the current state (if finite) and returns early.
 
   Returns the final TrainState. Raises DivergenceError on a non-finite loss or
   parameters (no checkpoint is written from such a state).
@@ -130,8 +131,7 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
     # Process 0 prepares the dataset cache; the others wait for it, then read it.
     if is_chief:
       pipeline.prepare(data, workdir)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('cimd_jax:data_prepared')
+    runtime.barrier('data_prepared')
     data_iter = pipeline.train_iterator(data, workdir, training.batch_size,
                                         jax.process_index(), jax.process_count())
 
@@ -173,11 +173,16 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
                  start_step, training.num_steps, training.batch_size, jax.device_count(),
                  jax.process_count())
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    window_start = time.perf_counter()
     metrics = None
     for step in range(start_step, training.num_steps):
       local = next(data_iter)
       batch = pipeline.make_global_batch({k: local[k] for k in ('image', 'mask')}, sharding)
+      if step == start_step and jax.process_count() > 1:
+        # Every process compiles first, then all start the first step together.
+        train_step = step_lib.compile_ahead(train_step, state, batch)
+        runtime.barrier(f'first_step_{start_step}')
+      if step == start_step:
+        window_start = time.perf_counter()
       state, metrics = train_step(state, batch)
       pending.append((step + 1, metrics))
       # The previous step's metrics are read while this one runs: one step of lag
@@ -189,7 +194,7 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
 
       done = step + 1
       last = done == training.num_steps
-      stop = should_stop is not None and should_stop()
+      stop = should_stop is not None and should_stop(done)
       if done % training.log_every == 0 or last or stop:
         host = [(s, jax.device_get(m)) for s, m in pending]
         for s, m in host:
@@ -234,11 +239,11 @@ def _validate(validator, state: state_lib.TrainState, step: int, writer
     logging.info('Validation at step %d (%.1f s): %s', step, time.perf_counter() - started,
                  ', '.join(f'{k[4:]}={v:.4f}' for k, v in result.scalars.items()))
     scores = {k.removeprefix('val/'): v for k, v in result.scalars.items()}
-  if jax.process_count() > 1:
-    value = np.float32(scores['score'] if scores else np.nan)
-    value = float(multihost_utils.broadcast_one_to_all(value))
+  if jax.process_count() > 1:   # every process saves the checkpoint with the same score
+    shared = runtime.share_from_chief(f'validation/{step}',
+                                      repr(scores['score']) if scores else None)
     scores = scores or {}
-    scores['score'] = value
+    scores['score'] = float(shared)
   if scores is not None:
     scores[checkpoint.BEST_KEY] = scores.pop('score')
   return scores

@@ -190,6 +190,17 @@ class MicrobatchedTrainStep:
       total = self._accumulate(state, total, chunk, index)
     return self._update(state, total)
 
+  def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> 'MicrobatchedTrainStep':
+    """Compiles the step's programs now (ahead of the first call); returns self."""
+    index = jnp.asarray(0, jnp.int32)
+    chunk = jax.eval_shape(self._take, batch, index)
+    total = jax.eval_shape(self._zeros, state, chunk)
+    self._take = self._take.lower(batch, index).compile()
+    self._zeros = self._zeros.lower(state, chunk).compile()
+    self._accumulate = self._accumulate.lower(state, total, chunk, index).compile()
+    self._update = self._update.lower(state, total).compile()
+    return self
+
   def programs(self, state: TrainState, batch: dict[str, jax.Array]
                ) -> list[tuple[Any, tuple[Any, ...], int]]:
     """(jitted function, abstract arguments, calls per step) of the two programs of a
@@ -199,6 +210,14 @@ class MicrobatchedTrainStep:
     total = jax.eval_shape(self._zeros, state, chunk)
     return [(self._accumulate, (state, total, chunk, index), self.microbatches),
             (self._update, (state, total), 1)]
+
+
+def compile_ahead(step_fn: Any, state: TrainState, batch: dict[str, jax.Array]) -> Any:
+  """`step_fn` (from jit_train_step) compiled for these arguments' shapes before its
+  first call; called the same way."""
+  if isinstance(step_fn, MicrobatchedTrainStep):
+    return step_fn.compile(state, batch)
+  return step_fn.lower(state, batch).compile()
 
 
 def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **step_kwargs

@@ -51,7 +51,9 @@ class JobGuard:
     self._stop_time: float | None = None
     self._read_fd: int | None = None
     self._sigint_count = 0
-    self._published = False
+    self._armed = False      # watch the other processes (after jax.distributed is up)
+    self._disarmed = False
+    self._lost_contact = 0
 
   # ------------------------------------------------------------------ set-up
   def install(self) -> 'JobGuard':
@@ -87,34 +89,61 @@ class JobGuard:
   def stop_requested(self) -> bool:
     return self._stop.is_set()
 
-  def should_stop(self) -> bool:
-    """Whether to stop now; the same answer on every process of the job."""
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step`; the same answer on every process of the job
+    (process 0 decides, from every stop request published so far, and shares its
+    decision through the coordination service)."""
     import jax  # pylint: disable=g-import-not-at-top
-    local = self._stop.is_set()
-    if jax.process_count() == 1:
-      return local
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
-    if np.any(flags) and not local:
+    if jax.process_count() == 1 or not self._armed:
+      return self._stop.is_set()
+    from cimd_jax.utils import runtime  # pylint: disable=g-import-not-at-top
+    local = None
+    if jax.process_index() == 0:
+      try:
+        requested = self._stop.is_set() or self._peer(STOP_KEY) is not None
+      except ConnectionError:
+        requested = self._stop.is_set()
+      local = '1' if requested else '0'
+    decision = runtime.share_from_chief(f'stop/{step}', local) == '1'
+    if jax.process_index() == 0:   # the others are past step - 2 (the steps' collectives)
+      runtime.forget_shared(f'stop/{step - 2}')
+    if decision and not self._stop.is_set():
       self._stop_time = time.monotonic()
       self._stop.set()
-    return bool(np.any(flags))
+    return decision
 
-  # ------------------------------------------------------------------ failure
+  # ------------------------------------------------------------------ endings
+  def arm(self) -> None:
+    """jax.distributed is initialised: start watching the other processes (asking the
+    coordination service before the client has connected aborts the process), and
+    take SIGTERM back (the coordination service installs its own preemption
+    handler for it)."""
+    signal.signal(signal.SIGTERM, self._on_signal)
+    self._armed = True
+
+  def disarm(self) -> None:
+    """The work is over: stop watching the other processes (they shut down too)."""
+    self._disarmed = True
+
   def fail(self, message: str, code: int) -> None:
-    """Ends this process with `code` after telling the other processes why."""
-    client = _client()
+    """Ends this process with `code` after telling the other processes why (in a
+    multi-process job: at once, without JAX's shutdown barrier, where a failed
+    process would wait for the others for minutes)."""
+    self._disarmed = True
+    client = _client() if self._armed else None
     if client is None:
       sys.exit(code)
     self._publish(FAILURE_KEY, message)
+    # Process 0 hosts the coordination service: give the others' watchdogs (polling
+    # every poll_s) time to read the cause before it goes away with this process.
+    time.sleep(4 * self.poll_s)
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
 
   def _publish(self, key: str, value: str) -> None:
-    client = _client()
+    client = _client() if self._armed else None
     if client is None:
       return
     try:
@@ -124,19 +153,43 @@ class JobGuard:
       pass
 
   def _peer(self, key: str) -> str | None:
+    """What another process published under `key` ('process i: message'), or None.
+    Raises ConnectionError when the coordination service cannot be reached."""
     client = _client()
     if client is None:
       return None
     try:
       entries = client.key_value_dir_get(key)
-    except Exception:  # pylint: disable=broad-except
-      return None
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConnectionError(str(e)) from e
     if not entries:
       return None
     name, value = entries[0]
     return f'process {name.rsplit("/", 1)[-1]}: {value}'
 
   # ------------------------------------------------------------------ watchdog
+  def _watch_peers(self) -> None:
+    """Exits when another process published a failure or the coordination service
+    (process 0) is gone; takes over another process's stop request."""
+    try:
+      failure = self._peer(FAILURE_KEY)
+      stop = None if self._stop.is_set() else self._peer(STOP_KEY)
+      self._lost_contact = 0
+    except ConnectionError as e:
+      self._lost_contact += 1
+      if self._lost_contact * self.poll_s < 10 or self._disarmed:
+        return
+      failure = f'the coordination service (process 0) cannot be reached ({e})'
+      stop = None
+    if failure is not None and not self._disarmed:
+      logging.error('Stopping: another process of the job failed (%s)', failure)
+      sys.stderr.write(f'cimd_jax: error: another process of the job failed: {failure}\n')
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
+    if stop is not None:
+      self._stop_time = time.monotonic()
+      self._stop.set()
+
   def _watch(self) -> None:
     while True:
       ready, _, _ = select.select([self._read_fd], [], [], self.poll_s)
@@ -150,15 +203,8 @@ class JobGuard:
             self._stop_time = self._stop_time or time.monotonic()
             self._stop.set()
             self._publish(STOP_KEY, 'SIGTERM')
-      failure = self._peer(FAILURE_KEY)
-      if failure is not None:
-        logging.error('Stopping: another process of the job failed (%s)', failure)
-        sys.stderr.write(f'cimd_jax: error: another process of the job failed: {failure}\n')
-        sys.stderr.flush()
-        os._exit(1)  # pylint: disable=protected-access
-      if not self._stop.is_set() and self._peer(STOP_KEY) is not None:
-        self._stop_time = time.monotonic()
-        self._stop.set()
+      if self._armed and not self._disarmed and _client() is not None:
+        self._watch_peers()
       if (self._stop_time is not None
           and time.monotonic() - self._stop_time > self.grace_s):
         sys.stderr.write(f'cimd_jax: stop requested {self.grace_s:.0f} s ago and the job '

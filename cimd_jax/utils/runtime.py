@@ -77,3 +77,42 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return cache_dir
+
+
+def share_from_chief(key: str, value: str | None, timeout_s: float = 3600.0) -> str | None:
+  """Process 0's `value` on every process of the job (through the coordination
+  service's key-value store, not a device collective: a collective here could
+  interleave with the in-flight train step's collectives). Single process: `value`.
+  Each `key` must be used once per job."""
+  if jax.process_count() == 1:
+    return value
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  full_key = f'cimd_jax/shared/{key}'
+  if jax.process_index() == 0:
+    client.key_value_set(full_key, '' if value is None else '=' + value)
+    return value
+  got = client.blocking_key_value_get(full_key, int(timeout_s * 1000))
+  return got[1:] if got else None
+
+
+def forget_shared(key: str) -> None:
+  """Process 0: deletes a key of `share_from_chief` that every process has read."""
+  if jax.process_count() == 1 or jax.process_index() != 0:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.global_state.client.key_value_delete(f'cimd_jax/shared/{key}')
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process of the job reaches `name` (a coordination-service
+  barrier, not a device collective: XLA:CPU's gloo collectives give up when the
+  processes reach their first collective more than 30 s apart, e.g. while process
+  0 prepares a dataset or compiles more slowly). No-op with one process."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(f'cimd_jax/{name}', int(timeout_s * 1000))
