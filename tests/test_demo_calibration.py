@@ -2,7 +2,6 @@
 structures track the experts' frequencies, and the same check rejects a model whose
 samples are all identical (the deterministic baseline)."""
 
-import numpy as np
 import pytest
 
 from cimd_jax import settings as settings_lib

@@ -116,7 +116,7 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path):
     killed.wait()
   after = _run(_cmd(workdir, tfds, '--config.training.num_steps=2'))
   assert after.returncode == 0, after.stderr[-2000:]
-  assert f'Taking over the lock' in after.stderr and f'PID {killed.pid}' in after.stderr
+  assert 'Taking over the lock' in after.stderr and f'PID {killed.pid}' in after.stderr
 
 
 # ------------------------------------------------------------------ item 2: fail as one

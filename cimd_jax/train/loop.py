@@ -21,7 +21,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-import numpy as np
 
 from cimd_jax import checkpoint
 from cimd_jax.data import pipeline
@@ -30,15 +29,13 @@ from cimd_jax.diffusion.args import DiffusionArgs
 from cimd_jax.inference.args import SamplingArgs
 from cimd_jax.models import build
 from cimd_jax.models.build import ModelArgs
+from cimd_jax.train import monitor
 from cimd_jax.train import objective as objective_lib
 from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
 from cimd_jax.train.args import TrainingArgs
 from cimd_jax.utils import config_args
 from cimd_jax.utils import runtime
-from cimd_jax.utils.errors import DivergenceError
-
-_WINDOW_KEYS = ('loss', 'mse', 'vlb', 'kl', 'grad_norm', 'param_norm')
 
 
 def init_state_fn(networks: build.Networks, tx, image_size: int, image_channels: int
@@ -50,44 +47,6 @@ def init_state_fn(networks: build.Networks, tx, image_size: int, image_channels:
                                image_channels)
     return state_lib.create_train_state(params, tx, jax.random.fold_in(rng, 1))
   return init
-
-
-def _local(tree: Any) -> Any:
-  """This process's copy of a replicated tree (first addressable shard)."""
-  return jax.tree.map(lambda x: x.addressable_data(0), tree)
-
-
-def _window_scalars(pending: list[tuple[int, dict[str, np.ndarray]]],
-                    batch_size: int, seconds: float) -> dict[str, float]:
-  """Scalars of a logging window from the host metrics of its steps."""
-  steps = [m for _, m in pending]
-  scalars = {k: float(np.mean([m[k] for m in steps])) for k in _WINDOW_KEYS}
-  for q in range(step_lib.NUM_QUARTILES):
-    count = sum(float(m[f'q{q}_count']) for m in steps)
-    if count:
-      scalars[f'mse_by_t/q{q}'] = sum(float(m[f'mse_q{q}_sum']) for m in steps) / count
-  scalars['learning_rate'] = float(steps[-1]['learning_rate'])
-  scalars['steps_per_s'] = len(steps) / max(seconds, 1e-9)
-  scalars['images_per_s'] = scalars['steps_per_s'] * batch_size
-  return scalars
-
-
-class _Divergence:
-  """What the run knows to say when it diverges: the last good checkpoint."""
-
-  def __init__(self, workdir: str, training: TrainingArgs):
-    self.workdir, self.training = workdir, training
-    self.last_good: int | None = None
-
-  def error(self, step: int, loss: float) -> DivergenceError:
-    where = (f'step {self.last_good} in {checkpoint.checkpoint_dir(self.workdir)}'
-             if self.last_good is not None else 'none was written')
-    return DivergenceError(
-        f'training diverged at step {step} (loss {loss}, or non-finite parameters); no '
-        f'checkpoint was written from that state; last good checkpoint: {where}. Try a '
-        f'lower training.learning_rate (now {self.training.learning_rate:g}), '
-        f'training.grad_clip_norm > 0 (now {self.training.grad_clip_norm:g}) or more '
-        'training.warmup_steps, and check the data')
 
 
 def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
@@ -124,7 +83,7 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
   validate = training.eval_every > 0
   manager = checkpoint.make_manager(workdir, training.keep_checkpoints,
                                     save_every=training.checkpoint_every, best=validate)
-  divergence = _Divergence(workdir, training)
+  divergence = monitor.Divergence(workdir, training)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   try:
@@ -188,7 +147,7 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
       # The previous step's metrics are read while this one runs: one step of lag
       # keeps the host from stalling the device, and a NaN is still named exactly.
       if len(pending) > 1:
-        _check_finite(jax.device_get(pending[-2][1]), pending[-2][0], divergence)
+        monitor.check_finite(jax.device_get(pending[-2][1]), pending[-2][0], divergence)
       for hook in hooks:
         hook(step + 1)
 
@@ -198,8 +157,8 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
       if done % training.log_every == 0 or last or stop:
         host = [(s, jax.device_get(m)) for s, m in pending]
         for s, m in host:
-          _check_finite(m, s, divergence)
-        scalars = _window_scalars(host, training.batch_size,
+          monitor.check_finite(m, s, divergence)
+        scalars = monitor.window_scalars(host, training.batch_size,
                                   time.perf_counter() - window_start)
         writer.write_scalars(done, scalars)
         if on_log is not None:
@@ -208,9 +167,9 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
         window_start = time.perf_counter()
       scores = None
       if validate and (done % training.eval_every == 0 or last):
-        scores = _validate(validator, state, done, writer)
+        scores = monitor.validate(validator, state, done, writer)
       if scores is not None or last or stop or manager.should_save(done):
-        _check_finite(jax.device_get(metrics), done, divergence)
+        monitor.check_finite(jax.device_get(metrics), done, divergence)
         checkpoint.save(manager, done, state, data_iter, config, metrics=scores)
         divergence.last_good = done
         logging.info('Saving checkpoint at step %d', done)
@@ -223,33 +182,3 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
     writer.flush()
     writer.close()
     manager.close()
-
-
-def _validate(validator, state: state_lib.TrainState, step: int, writer
-              ) -> dict[str, float] | None:
-  """Runs validation on process 0 and writes it; returns the scores saved with the
-  checkpoint (BEST_KEY included), the same on every process."""
-  scores = None
-  if validator is not None:
-    started = time.perf_counter()
-    result = validator(_local(state.ema_params['unet']), step)
-    writer.write_scalars(step, result.scalars)
-    writer.write_histograms(step, result.histograms)
-    writer.write_images(step, result.images)
-    logging.info('Validation at step %d (%.1f s): %s', step, time.perf_counter() - started,
-                 ', '.join(f'{k[4:]}={v:.4f}' for k, v in result.scalars.items()))
-    scores = {k.removeprefix('val/'): v for k, v in result.scalars.items()}
-  if jax.process_count() > 1:   # every process saves the checkpoint with the same score
-    shared = runtime.share_from_chief(f'validation/{step}',
-                                      repr(scores['score']) if scores else None)
-    scores = scores or {}
-    scores['score'] = float(shared)
-  if scores is not None:
-    scores[checkpoint.BEST_KEY] = scores.pop('score')
-  return scores
-
-
-def _check_finite(metrics: dict[str, Any], step: int, divergence: _Divergence) -> None:
-  loss = float(metrics['loss'])
-  if not np.isfinite(loss) or float(metrics['finite']) < 1.0:
-    raise divergence.error(step, loss)
