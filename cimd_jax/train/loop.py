@@ -7,7 +7,9 @@ TensorBoard and console lines; every process takes part in saving.
 
 TensorBoard tags: loss, mse, vlb, kl (window means), mse_by_t/q0..q3 (MSE of the
 examples whose t falls in each quarter of [0, T)), grad_norm, param_norm,
-learning_rate, steps_per_s, images_per_s; with validation (train/validation.py)
+learning_rate, steps_per_s, images_per_s; with the AMN/ACN, ambiguity/amn_mean_spread,
+amn_sigma, spread_over_sigma, acn_sigma (train/ambiguity.py: a collapse shows as a
+spread near 0); with validation (train/validation.py)
 val/ci, val/ged, val/hm_iou, val/sc, val/dmax, val/da, val/calibration_mae
 (synthetic), val/score, histograms val/per_image_ci and val/per_image_ged, and the
 images val/cases and val/calibration.
@@ -119,6 +121,10 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
         objective_args=objective, diffusion=diffusion, tx=tx, lr_fn=lr_fn,
         ema_rate=training.ema_rate, microbatches=training.microbatches)
     sharding = step_lib.batch_sharding(mesh)
+    probe = None
+    if is_chief and networks.amn is not None:
+      from cimd_jax.train import ambiguity  # pylint: disable=g-import-not-at-top
+      probe = ambiguity.AmbiguityProbe(networks, data, workdir)
     validator = None
     if validate and is_chief:
       from cimd_jax.train import validation  # pylint: disable=g-import-not-at-top
@@ -159,7 +165,9 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
         for s, m in host:
           monitor.check_finite(m, s, divergence)
         scalars = monitor.window_scalars(host, training.batch_size,
-                                  time.perf_counter() - window_start)
+                                         time.perf_counter() - window_start)
+        if probe is not None:
+          scalars.update(probe(monitor.local_copy(state.params)))
         writer.write_scalars(done, scalars)
         if on_log is not None:
           on_log(done, scalars)
