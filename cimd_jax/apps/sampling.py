@@ -18,6 +18,7 @@ import tqdm
 
 from cimd_jax.data import image_folder
 from cimd_jax.data import pipeline
+from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
 from cimd_jax.evaluation import reports
 from cimd_jax.inference import ensemble
@@ -216,6 +217,10 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
       info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
                                        'seed', 'use_ema', 'num_images', 'prediction')}
       result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
+      frequencies = None
+      if all('structures' in (c.extras or {}) for c in cases):   # known truth (synthetic)
+        result['calibration'], *frequencies = calibration.over_cases(
+            [(c.extras['structures'], c.extras['structure_probs'], m) for c, m in results])
       reports.write_json(os.path.join(staged.path, 'metrics.json'), result)
       if on_results is not None:
         on_results(results, staged.path)
@@ -224,20 +229,29 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
       staged.commit()
     finally:
       staged.discard()
-  _write_tensorboard(workdir, s.sampling.split, prepared.step, result, per_image)
+  _write_tensorboard(workdir, s.sampling.split, prepared.step, result, per_image,
+                     frequencies)
   logging.info('Evaluated %d images (N=%d): %s', len(cases), s.sampling.num_samples,
                ', '.join(f'{k}={v["mean"]:.4f}' for k, v in result['metrics'].items()))
   return results, result, out_dir
 
 
 def _write_tensorboard(workdir: str, split: str, step: int, result: dict[str, Any],
-                       per_image: dict[str, np.ndarray]) -> None:
+                       per_image: dict[str, np.ndarray],
+                       frequencies: list[np.ndarray] | None) -> None:
+  """Scalars eval_<split>/<metric> (+ calibration_mae), per-image CI and GED
+  histograms and, on data with known structure frequencies, the calibration plot."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-  writer.write_scalars(step, {f'eval_{split}/{k}': v['mean']
-                              for k, v in result['metrics'].items()})
+  scalars = {f'eval_{split}/{k}': v['mean'] for k, v in result['metrics'].items()}
+  if 'calibration' in result:
+    scalars[f'eval_{split}/calibration_mae'] = result['calibration']['mae_ambiguous']
+    truth, sampled = frequencies
+    plot = calibration.calibration_plot(truth, sampled, num_samples=result['num_samples'])
+    writer.write_images(step, {f'eval_{split}/calibration': plot[None] / 255.0})
+  writer.write_scalars(step, scalars)
   writer.write_histograms(step, {f'eval_{split}/per_image_ci': per_image['ci'],
                                  f'eval_{split}/per_image_ged': per_image['ged']})
   writer.flush()
