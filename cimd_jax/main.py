@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-_MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers')
+_MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and outputs.')
 _MODE = flags.DEFINE_enum('mode', 'train', list(_MODES), 'What to run.')
@@ -105,7 +105,13 @@ def main(argv):
       os.makedirs(workdir, exist_ok=True)
     log_path = _log_file(workdir, mode, jax.process_index())
     from cimd_jax.apps import modes  # pylint: disable=g-import-not-at-top
-    modes.run(mode, settings, workdir, overrides, should_stop=guard.should_stop)
+    values = config_flags.get_override_values(flags.FLAGS['config'])
+    command_flags = ''.join(
+        f" --config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, (tuple, list)) else v}"
+        for k, v in values.items() if k not in ('model.ambiguity', 'diffusion.prediction'))
+    modes.run(mode, settings, workdir, overrides, should_stop=guard.should_stop,
+              config_file=config_flags.get_config_filename(flags.FLAGS['config']),
+              command_flags=command_flags)
     guard.disarm()
     if guard.stop_requested:
       logging.warning('Stopped before the end (stop requested); run the same command to '

@@ -5,6 +5,7 @@
   evaluate          masks + metrics for a split
   demo              train -> evaluate -> baselines and calibration report (apps/demo.py)
   compare_samplers  one checkpoint scored with several samplers (apps/compare_samplers.py)
+  ablations         ambiguity mode x prediction x sampler table (apps/ablations.py)
 
 `overrides` are the dotted config keys given on the command line: they decide which
 differences from a checkpoint's stored configuration are errors (settings.reconcile).
@@ -22,12 +23,15 @@ from cimd_jax.train import loop
 from cimd_jax.utils import locking
 from cimd_jax.utils.errors import CheckpointNotFoundError
 
-MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers')
+MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations')
 
 
 def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
-        should_stop: Callable[[int], bool] | None = None) -> Any:
-  """Runs `mode` (one of MODES) and returns its result."""
+        should_stop: Callable[[int], bool] | None = None, config_file: str = '',
+        command_flags: str = '') -> Any:
+  """Runs `mode` (one of MODES) and returns its result. `config_file` and
+  `command_flags` (the --config path and the command line's --config.* overrides)
+  are quoted in the ablation table's commands."""
   if mode == 'train':
     return train(settings, workdir, overrides, should_stop)
   if mode == 'sample':
@@ -40,6 +44,11 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
     return demo(settings, workdir, overrides, should_stop)
   if mode == 'compare_samplers':
     return compare_samplers(settings, workdir, overrides)
+  if mode == 'ablations':
+    from cimd_jax.apps import ablations  # pylint: disable=g-import-not-at-top
+    return ablations.run(settings, workdir,
+                         lambda s, run_dir: train(s, run_dir, set(), should_stop),
+                         config_file or 'CONFIG', command_flags)
   raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
 
 

@@ -1,0 +1,132 @@
+"""--mode=ablations: ambiguity mode x prediction x sampler on one config's data, as a
+measured table (docs/ablations.md is this table for configs/synthetic.py).
+
+For every ambiguity mode (models.build.AMBIGUITY_MODES) and prediction ('eps', 'x0'),
+a model is trained in WORKDIR/<mode>-<prediction>/ (resuming when present) with the
+config otherwise unchanged; each is evaluated with every sampler of SAMPLERS on
+`sampling.split` (its first `sampling.max_images` images, N = `sampling.num_samples`,
+`sampling.seed` fixed) into WORKDIR/<mode>-<prediction>/eval/<sampler>/. Finished
+evaluations are reused, so an interrupted run continues where it stopped. The table
+(WORKDIR/ablations.md, printed too) gives, per row, calibration MAE on the ambiguous
+structures, the largest sampled frequency of a structure no expert draws, GED, CI,
+D_a and HM-IoU, each mean +- standard error, and the commands that reproduce the row.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+from absl import logging
+
+from cimd_jax import settings as settings_lib
+from cimd_jax.apps import sampling
+from cimd_jax.models.build import AMBIGUITY_MODES
+
+PREDICTIONS = ('eps', 'x0')
+# (name, sampler, steps)
+SAMPLERS = (('ddpm1000', 'ddpm', ''), ('ddpm50', 'ddpm', '50'), ('ddim25', 'ddim', 'ddim25'))
+COLUMNS = ('calibration', 'never_drawn', 'ged', 'ci', 'da', 'hm_iou')
+
+
+def run_name(ambiguity: str, prediction: str) -> str:
+  return f'{ambiguity}-{prediction}'
+
+
+def variant(settings: settings_lib.Settings, ambiguity: str, prediction: str
+            ) -> settings_lib.Settings:
+  """The settings of one trained model of the table."""
+  return dataclasses.replace(
+      settings,
+      model=dataclasses.replace(settings.model, ambiguity=ambiguity),
+      diffusion=dataclasses.replace(settings.diffusion, prediction=prediction))
+
+
+def with_sampler(settings: settings_lib.Settings, sampler: str, steps: str, out_dir: str
+                 ) -> settings_lib.Settings:
+  return dataclasses.replace(settings, sampling=dataclasses.replace(
+      settings.sampling, sampler=sampler, steps=steps, output_dir=out_dir))
+
+
+def _done(out_dir: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(out_dir, 'manifest.json')) as f:
+      if not json.load(f).get('complete'):
+        return None
+    with open(os.path.join(out_dir, 'metrics.json')) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def row(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+  """(mean, standard error) of each column from an evaluation's metrics.json."""
+  m, cal = result['metrics'], result.get('calibration', {})
+  out = {k: (m[k]['mean'], m[k]['sem']) for k in ('ged', 'ci', 'da', 'hm_iou')}
+  out['calibration'] = (cal.get('mae_ambiguous', float('nan')),
+                        cal.get('mae_ambiguous_sem', float('nan')))
+  out['never_drawn'] = (cal.get('max_freq_never_drawn', float('nan')), float('nan'))
+  return out
+
+
+def commands(config_file: str, workdir: str, ambiguity: str, prediction: str, sampler: str,
+             steps: str, extra: str) -> str:
+  run_dir = os.path.join(workdir, run_name(ambiguity, prediction))
+  keys = (f'--config.model.ambiguity={ambiguity} '
+          f'--config.diffusion.prediction={prediction}{extra}')
+  base = f'python -m cimd_jax.main --config={config_file} --workdir={run_dir} {keys}'
+  return (f'`{base} --mode=train` then `{base} --mode=evaluate '
+          f"--config.sampling.sampler={sampler} --config.sampling.steps='{steps}'`")
+
+
+def run(settings: settings_lib.Settings, workdir: str,
+        train_fn: Callable[[settings_lib.Settings, str], Any],
+        config_file: str = 'configs/synthetic.py', extra_flags: str = '') -> str:
+  """Trains and evaluates every row (reusing finished work); writes and returns the
+  markdown table WORKDIR/ablations.md. `train_fn(settings, run_dir)` trains."""
+  rows = []
+  for ambiguity in AMBIGUITY_MODES:
+    for prediction in PREDICTIONS:
+      s = variant(settings, ambiguity, prediction)
+      run_dir = os.path.join(workdir, run_name(ambiguity, prediction))
+      logging.info('Ablations: training %s', run_dir)
+      train_fn(s, run_dir)
+      for name, kind, steps in SAMPLERS:
+        out_dir = os.path.join(run_dir, 'eval', name)
+        result = _done(out_dir)
+        if result is None:
+          logging.info('Ablations: evaluating %s with %s', run_dir, name)
+          result = sampling.evaluate_cases(with_sampler(s, kind, steps, out_dir), run_dir,
+                                           set())[1]
+        rows.append({'ambiguity': ambiguity, 'prediction': prediction, 'sampler': name,
+                     'values': row(result), 'num_images': result['num_images'],
+                     'num_samples': result['num_samples'],
+                     'command': commands(config_file, workdir, ambiguity, prediction, kind,
+                                         steps, extra_flags)})
+  table = markdown(rows)
+  with open(os.path.join(workdir, 'ablations.md'), 'w') as f:
+    f.write(table + '\n')
+  print(table, flush=True)
+  return table
+
+
+def _cell(mean: float, sem: float) -> str:
+  return f'{mean:.3f}' if sem != sem else f'{mean:.3f} ± {sem:.3f}'
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  """The rows as a markdown table, then the command of each row."""
+  head = ('| # | ambiguity | prediction | sampler | calibration MAE ↓ | max freq. never drawn ↓ '
+          '| GED ↓ | CI ↑ | D_a ↑ | HM-IoU ↑ |\n|---|---|---|---|---|---|---|---|---|---|')
+  lines = [head]
+  for i, r in enumerate(rows, 1):
+    v = r['values']
+    lines.append(f'| {i} | {r["ambiguity"]} | {r["prediction"]} | {r["sampler"]} | '
+                 + ' | '.join(_cell(*v[c]) for c in COLUMNS) + ' |')
+  n = {(r['num_images'], r['num_samples']) for r in rows}
+  lines.append('')
+  lines.append('Images and samples per image: ' + ', '.join(f'{i} images, N = {s}'
+                                                            for i, s in sorted(n)) + '.')
+  lines.append('')
+  lines += [f'{i}. {r["command"]}' for i, r in enumerate(rows, 1)]
+  return '\n'.join(lines)
