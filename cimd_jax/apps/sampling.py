@@ -229,30 +229,9 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
       staged.commit()
     finally:
       staged.discard()
-  _write_tensorboard(workdir, s.sampling.split, prepared.step, result, per_image,
-                     frequencies)
+  if jax.process_index() == 0:
+    reports.write_tensorboard(workdir, f'eval_{s.sampling.split}', prepared.step, result,
+                              per_image, frequencies)
   logging.info('Evaluated %d images (N=%d): %s', len(cases), s.sampling.num_samples,
                ', '.join(f'{k}={v["mean"]:.4f}' for k, v in result['metrics'].items()))
   return results, result, out_dir
-
-
-def _write_tensorboard(workdir: str, split: str, step: int, result: dict[str, Any],
-                       per_image: dict[str, np.ndarray],
-                       frequencies: list[np.ndarray] | None) -> None:
-  """Scalars eval_<split>/<metric> (+ calibration_mae), per-image CI and GED
-  histograms and, on data with known structure frequencies, the calibration plot."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return
-  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-  scalars = {f'eval_{split}/{k}': v['mean'] for k, v in result['metrics'].items()}
-  if 'calibration' in result:
-    scalars[f'eval_{split}/calibration_mae'] = result['calibration']['mae_ambiguous']
-    truth, sampled = frequencies
-    plot = calibration.calibration_plot(truth, sampled, num_samples=result['num_samples'])
-    writer.write_images(step, {f'eval_{split}/calibration': plot[None] / 255.0})
-  writer.write_scalars(step, scalars)
-  writer.write_histograms(step, {f'eval_{split}/per_image_ci': per_image['ci'],
-                                 f'eval_{split}/per_image_ged': per_image['ged']})
-  writer.flush()
-  writer.close()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
 from cimd_jax.utils import figures
 
@@ -104,3 +105,24 @@ def write_per_image_csv(path: str, case_ids: list[str], folders: list[str],
     writer.writerow(['case_id', 'folder', *keys])
     for i, (cid, folder) in enumerate(zip(case_ids, folders)):
       writer.writerow([cid, folder, *[f'{float(per_image[k][i]):.8f}' for k in keys]])
+
+
+def write_tensorboard(workdir: str, prefix: str, step: int, result: dict[str, Any],
+                       per_image: dict[str, np.ndarray],
+                       frequencies: list[np.ndarray] | None) -> None:
+  """An evaluation in WORKDIR's TensorBoard: scalars <prefix>/<metric> (+
+  calibration_mae), per-image CI and GED histograms and, with known structure
+  frequencies (truth [S], sampled [S]), the calibration plot."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+  scalars = {f'{prefix}/{k}': v['mean'] for k, v in result['metrics'].items()}
+  if 'calibration' in result:
+    scalars[f'{prefix}/calibration_mae'] = result['calibration']['mae_ambiguous']
+    truth, sampled = frequencies
+    plot = calibration.calibration_plot(truth, sampled, num_samples=result['num_samples'])
+    writer.write_images(step, {f'{prefix}/calibration': plot[None] / 255.0})
+  writer.write_scalars(step, scalars)
+  writer.write_histograms(step, {f'{prefix}/per_image_ci': per_image['ci'],
+                                 f'{prefix}/per_image_ged': per_image['ged']})
+  writer.flush()
+  writer.close()
