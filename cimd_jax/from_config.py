@@ -54,6 +54,7 @@ def unet_args(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
       learn_sigma=bool(model.learn_sigma),
       remat=bool(training.remat) if training is not None else False,
       dtype=str(training.compute_dtype) if training is not None else 'float32',
+      conv_impl=str(model.conv_impl),
   )
 
 
@@ -65,6 +66,7 @@ def latent_args(model: ml_collections.ConfigDict,
       filters=tuple(int(f) for f in model.latent_filters),
       convs_per_block=int(model.latent_convs_per_block),
       latent_dim=int(model.latent_dim),
+      conv_impl=str(model.conv_impl),
   )
 
 

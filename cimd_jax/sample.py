@@ -31,6 +31,7 @@ from cimd_jax.diffusion import gaussian
 from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion import schedule
 from cimd_jax.models import build
+from cimd_jax.models import conv
 
 METRIC_KEYS = ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou', 'dice_mean')
 
@@ -174,12 +175,13 @@ def make_ensemble_fn(unet_args: build.UNetArgs, betas: np.ndarray, sampler: Samp
   tables = sampling_tables(betas, sampler.steps, sampler.sampler)
   apply_fn = denoiser(unet_args, schedule.make_tables(betas), sampler.prediction,
                       sampler.clip_variance)
+  options = conv.compiler_options(unet_args.conv_impl)
 
   def draw(params, images, key, first_image_index):
     x0 = samplers.sample_ensemble(
         apply_fn, params, tables, jnp.asarray(images, jnp.float32), key, num_samples,
         sampler.max_batch, first_image_index=first_image_index, sampler=sampler.sampler,
-        variance=sampler.variance, eta=sampler.eta)
+        variance=sampler.variance, eta=sampler.eta, compiler_options=options)
     return np.asarray(samplers.masks_from_x0(x0))[..., 0]
   return draw
 

@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.use_scale_shift_norm = False
   model.resblock_updown = False
   model.learn_sigma = True
+  # How convolutions are computed (same parameters and function either way; see
+  # cimd_jax/models/conv.py): 'auto' (per backend: measured choice on CPU, 'xla' on
+  # GPU/TPU) | 'xla' (lax.conv_general_dilated) | 'im2col' | 'shifted' (matmuls).
+  model.conv_impl = 'auto'
   # AMN / ACN (axis-aligned conv Gaussians)
   model.latent_dim = 6
   model.latent_filters = (32, 64, 128, 192)

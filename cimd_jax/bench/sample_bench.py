@@ -13,6 +13,7 @@ from cimd_jax.bench import common
 from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion import schedule
 from cimd_jax.models import build
+from cimd_jax.models import conv
 
 
 def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 5,
@@ -37,7 +38,8 @@ def bench_sample(setup: sample.SampleSetup, num_images: int = 1, repeats: int = 
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
       apply_fn, p, tables, img, keys, x, i, sampler=setup.sampler.sampler,
-      variance=setup.sampler.variance, eta=setup.sampler.eta))
+      variance=setup.sampler.variance, eta=setup.sampler.eta),
+      compiler_options=conv.compiler_options(setup.unet.conv_impl))
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.uniform(-1, 1, (rows, size, size, channels)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((rows, size, size, 1)), jnp.float32)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cimd_jax.models import conv
 from cimd_jax.models.latent import AxisAlignedConvGaussian
 from cimd_jax.models.unet import UNet
 
@@ -32,6 +33,7 @@ class UNetArgs:
   learn_sigma: bool = True
   remat: bool = False
   dtype: str = 'float32'
+  conv_impl: str = 'xla'     # 'auto' | 'xla' | 'im2col' | 'shifted' (models/conv.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class LatentArgs:
   filters: tuple[int, ...]
   convs_per_block: int
   latent_dim: int
+  conv_impl: str = 'xla'     # as UNetArgs.conv_impl
 
 
 class Networks(NamedTuple):
@@ -72,6 +75,7 @@ def build_unet(args: UNetArgs) -> UNet:
       learn_sigma=args.learn_sigma,
       remat=args.remat,
       dtype=args.dtype,
+      conv_impl=conv.resolve_impl(args.conv_impl),
   )
 
 
@@ -80,7 +84,8 @@ def build_latent_net(args: LatentArgs) -> AxisAlignedConvGaussian:
   return AxisAlignedConvGaussian(filters=tuple(args.filters),
                                  convs_per_block=args.convs_per_block,
                                  latent_dim=args.latent_dim,
-                                 input_channels=args.input_channels)
+                                 input_channels=args.input_channels,
+                                 conv_impl=conv.resolve_impl(args.conv_impl))
 
 
 def build_networks(unet_args: UNetArgs, latent_args: LatentArgs) -> Networks:

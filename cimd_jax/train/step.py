@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cimd_jax.diffusion.schedule import DiffusionTables
+from cimd_jax.models import conv as conv_lib
 from cimd_jax.models.build import Networks
 from cimd_jax.train import objective
 from cimd_jax.train.state import TrainState, ema_update
@@ -140,7 +141,8 @@ class MicrobatchedTrainStep:
     self._take = jax.jit(take, in_shardings=(data, None), out_shardings=data)
     self._zeros = jax.jit(zeros, out_shardings=rep)
     self._accumulate = jax.jit(accumulate, in_shardings=(state_sharding, rep, data, None),
-                               out_shardings=rep, donate_argnums=(1,))
+                               out_shardings=rep, donate_argnums=(1,),
+                               compiler_options=conv_compiler_options(networks))
     self._update = jax.jit(update, in_shardings=(state_sharding, rep),
                            out_shardings=(state_sharding, rep), donate_argnums=(0,))
 
@@ -169,6 +171,12 @@ class MicrobatchedTrainStep:
             (self._update, (state, total), 1)]
 
 
+def conv_compiler_options(networks: Networks) -> dict[str, str] | None:
+  """XLA compiler options for a program that runs `networks` (their conv_impl;
+  models/conv.py), or None."""
+  return conv_lib.compiler_options(*(getattr(net, 'conv_impl', 'xla') for net in networks))
+
+
 def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **step_kwargs
                    ) -> Callable[[TrainState, dict[str, jax.Array]],
                                  tuple[TrainState, dict[str, jax.Array]]]:
@@ -177,6 +185,7 @@ def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **ste
   `state_sharding` is a pytree of shardings matching the TrainState (usually all
   replicated); batch leaves are sharded along 'data'; metrics come back replicated.
   With `microbatches > 1`, a `MicrobatchedTrainStep` (same call, same update).
+  Compiled with the networks' conv compiler options (`conv_compiler_options`).
   """
   if microbatches > 1:
     return MicrobatchedTrainStep(mesh, state_sharding, microbatches, **step_kwargs)
@@ -186,4 +195,5 @@ def jit_train_step(mesh: Mesh, state_sharding: Any, microbatches: int = 1, **ste
       in_shardings=(state_sharding, batch_sharding(mesh)),
       out_shardings=(state_sharding, replicated(mesh)),
       donate_argnums=(0,),
+      compiler_options=conv_compiler_options(step_kwargs['networks']),
   )
