@@ -15,7 +15,9 @@ and bias):
   dot        1x1 convs as one dot_general (what both matmul impls emit for 1x1).
 Each round times every variant once (A, B, C, A, B, C, ...) and a 2048^2 float32
 matmul; the table reports medians. GFLOP/s count 2*B*Ho*Wo*k*k*Cin*Cout per
-forward and 3x that for forward + backward.
+forward and 3x that for forward + backward. Caution: YNNPACK ('xla') and Eigen
+('xla_eigen') programs run alternately in one process slow each other down (their
+thread pools compete); whole programs are better compared one process per variant.
 
 --what=scan: a UNet forward (the sampler's reverse-step network call) `steps` times
 inside one jitted `lax.scan` vs the same jitted forward called `steps` times from
