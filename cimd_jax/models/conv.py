@@ -25,8 +25,10 @@ y[b, i, j, o] = bias[o] + sum_{di, dj, c} x_pad[b, s*i + di, s*j + dj, c] * kern
 PyTorch-parity weight mapping do not depend on `impl`.
 """
 
+import functools
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 from flax.linen import dtypes as flax_dtypes
 import jax
@@ -72,9 +74,24 @@ def compiler_options(*impls: str, backend: str | None = None) -> dict[str, str] 
   is CPU, else None (XLA's defaults).
   """
   backend = backend or jax.default_backend()
-  if backend == 'cpu' and any(resolve_impl(i, backend) == 'eigen' for i in impls):
+  if (backend == 'cpu' and any(resolve_impl(i, backend) == 'eigen' for i in impls)
+      and _eigen_options_accepted()):
     return dict(_EIGEN_CPU_OPTIONS)
   return None
+
+
+@functools.cache
+def _eigen_options_accepted() -> bool:
+  """Whether this jaxlib's XLA:CPU accepts _EIGEN_CPU_OPTIONS (one tiny compile, once);
+  if a later jaxlib drops the option, 'eigen' falls back to 'xla' with a warning."""
+  try:
+    jax.jit(lambda v: v + 1).lower(jnp.zeros((2,), jnp.float32)).compile(
+        compiler_options=_EIGEN_CPU_OPTIONS)
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("conv impl 'eigen': XLA rejected %s (%s); using XLA's defaults",
+                    _EIGEN_CPU_OPTIONS, e)
+    return False
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
