@@ -13,6 +13,7 @@ from cimd_jax.bench import common
 from cimd_jax.diffusion import samplers
 from cimd_jax.inference import ensemble as ensemble_lib
 from cimd_jax.models import build
+from cimd_jax.models import conv
 
 
 def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: int = 5,
@@ -37,7 +38,8 @@ def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: 
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
       apply_fn, p, tables, img, keys, x, i, sampler=s.sampling.sampler,
-      variance=s.diffusion.variance, eta=s.sampling.ddim_eta))
+      variance=s.diffusion.variance, eta=s.sampling.ddim_eta),
+      compiler_options=conv.compiler_options(s.model.conv_impl))
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.uniform(-1, 1, (rows, size, size, channels)), jnp.float32)
   x = jnp.asarray(rng.standard_normal((rows, size, size, 1)), jnp.float32)

@@ -9,6 +9,7 @@ from cimd_jax import settings as settings_lib
 from cimd_jax.bench import common
 from cimd_jax.models import build
 from cimd_jax.train import loop
+from cimd_jax.train import microbatch
 from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
 
@@ -35,7 +36,7 @@ def bench_train(settings: settings_lib.Settings, batch: int, repeats: int = 5,
       objective_args=s.objective, diffusion=s.diffusion, tx=tx,
       lr_fn=state_lib.learning_rate_schedule(s.training),
       ema_rate=s.training.ema_rate, microbatches=s.training.microbatches)
-  if isinstance(jitted, step_lib.MicrobatchedTrainStep):
+  if isinstance(jitted, microbatch.MicrobatchedTrainStep):
     # Two programs: compile both, count the accumulation once per micro-batch.
     compile_s, flops = 0.0, 0.0
     for fn, args, calls in jitted.programs(state, data):

@@ -18,6 +18,7 @@ Ensembles (`sample_ensemble`) use `row_key = fold_in(fold_in(key, image_index), 
 for sample n of image `image_index = first_image_index + b`.
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -160,8 +161,14 @@ def sample(apply_fn: ApplyFn, params: Any, tables: DiffusionTables, image: jax.A
   return x0
 
 
-sample_jit = jax.jit(sample, static_argnames=('apply_fn', 'sampler', 'variance',
-                                              'clip_denoised'))
+_SAMPLE_STATIC = ('apply_fn', 'sampler', 'variance', 'clip_denoised')
+sample_jit = jax.jit(sample, static_argnames=_SAMPLE_STATIC)
+
+
+@functools.cache
+def _sample_jit_with(options: tuple[tuple[str, str], ...]) -> Callable[..., jax.Array]:
+  """`sample_jit` compiled with XLA compiler options `options` ((key, value) pairs)."""
+  return jax.jit(sample, static_argnames=_SAMPLE_STATIC, compiler_options=dict(options))
 
 
 def sample_reference_loop(apply_fn: ApplyFn, params: Any, tables: DiffusionTables,
@@ -201,7 +208,8 @@ def sample_ensemble(apply_fn: ApplyFn, params: Any, tables: DiffusionTables,
                     images: jax.Array, key: jax.Array, num_samples: int, max_batch: int,
                     *, first_image_index: int | jax.Array = 0, sampler: str = 'ddpm',
                     variance: str = 'learned_range', eta: float = 0.0,
-                    clip_denoised: bool = True) -> jax.Array:
+                    clip_denoised: bool = True,
+                    compiler_options: dict[str, str] | None = None) -> jax.Array:
   """N samples for each of B images, in chunks of at most `max_batch` rows.
 
   Rows are the (b, n) pairs, b-major, with row key
@@ -221,6 +229,8 @@ def sample_ensemble(apply_fn: ApplyFn, params: Any, tables: DiffusionTables,
     max_batch: most rows per compiled call.
     first_image_index: global index of images[0] (int or traced int32 scalar).
     sampler, variance, eta, clip_denoised: as in `sample`.
+    compiler_options: XLA compiler options of the compiled sampler (e.g. the UNet's
+      `models.conv.compiler_options`), or None.
 
   Returns:
     x_0 float32 [B, N, H, W, 1]; masks are `masks_from_x0(x0)`.
@@ -241,7 +251,9 @@ def sample_ensemble(apply_fn: ApplyFn, params: Any, tables: DiffusionTables,
     row_images = jnp.concatenate([row_images, jnp.zeros((pad, h, w, c), jnp.float32)])
     row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], pad, axis=0)])
   eta = jnp.asarray(eta, jnp.float32)
-  outs = [sample_jit(apply_fn, params, tables, row_images[s:s + chunk],
+  run = (_sample_jit_with(tuple(sorted(compiler_options.items()))) if compiler_options
+         else sample_jit)
+  outs = [run(apply_fn, params, tables, row_images[s:s + chunk],
                      row_keys[s:s + chunk], sampler=sampler, variance=variance, eta=eta,
                      clip_denoised=clip_denoised)
           for s in range(0, rows + pad, chunk)]

@@ -10,6 +10,7 @@ from cimd_jax.diffusion import gaussian
 from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion.args import DiffusionArgs
 from cimd_jax.inference.args import SamplingArgs
+from cimd_jax.models import conv
 from cimd_jax.models.build import ModelArgs, build_unet
 from cimd_jax.utils.errors import DivergenceError
 
@@ -54,12 +55,13 @@ def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs
   n = sampling.num_samples if num_samples is None else int(num_samples)
   tables = sampling.tables(diffusion.betas())
   apply_fn = denoiser(model, image_size, diffusion, sampling.clip_variance)
+  options = conv.compiler_options(model.conv_impl)
 
   def draw(params, images, key, first_image_index):
     x0 = samplers.sample_ensemble(
         apply_fn, params, tables, jnp.asarray(images, jnp.float32), key, n,
         sampling.max_batch, first_image_index=first_image_index, sampler=sampling.sampler,
-        variance=diffusion.variance, eta=sampling.ddim_eta)
+        variance=diffusion.variance, eta=sampling.ddim_eta, compiler_options=options)
     if not bool(jnp.all(jnp.isfinite(x0))):
       raise DivergenceError(
           'the model produced non-finite samples (NaN/inf): its weights have diverged or '

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cimd_jax.models import conv
 from cimd_jax.models.latent import AxisAlignedConvGaussian
 from cimd_jax.models.unet import UNet
 from cimd_jax.utils import config_args as ca
@@ -35,7 +36,10 @@ class ModelArgs:
   variance). AMN/ACN (`latent.AxisAlignedConvGaussian`): latent_dim, latent_filters,
   latent_convs_per_block; `ambiguity` (one of AMBIGUITY_MODES). Compute:
   compute_dtype ('float32' | 'bfloat16'; parameters stay float32), remat
-  (rematerialise UNet blocks in the backward pass).
+  (rematerialise UNet blocks in the backward pass), conv_impl (how convolutions
+  are computed, same parameters and function either way, models/conv.py: 'auto' =
+  the measured choice per backend, 'eigen' on CPU and 'xla' elsewhere | 'xla' |
+  'eigen' | 'im2col' | 'shifted').
   """
   num_channels: int = 128
   channel_mult: tuple[int, ...] = (1, 1, 2, 3, 4)
@@ -53,6 +57,7 @@ class ModelArgs:
   ambiguity: str = 'trained'
   compute_dtype: str = 'float32'
   remat: bool = False
+  conv_impl: str = 'auto'
 
   def __post_init__(self):
     ca.check_int('model.num_channels', self.num_channels, 1, 4096)
@@ -72,6 +77,7 @@ class ModelArgs:
     ca.check_choice('model.ambiguity', self.ambiguity, AMBIGUITY_MODES)
     ca.check_choice('model.compute_dtype', self.compute_dtype, COMPUTE_DTYPES)
     ca.check_bool('model.remat', self.remat)
+    ca.check_choice('model.conv_impl', self.conv_impl, ('auto',) + conv.IMPLS)
     for width in (self.num_channels * m for m in self.channel_mult):
       if self.num_head_channels > 0 and width % self.num_head_channels:
         ca.fail('model.num_head_channels', self.num_head_channels,
@@ -117,6 +123,7 @@ def build_unet(model: ModelArgs, image_size: int) -> UNet:
       learn_sigma=model.learn_sigma,
       remat=model.remat,
       dtype=model.compute_dtype,
+      conv_impl=conv.resolve_impl(model.conv_impl),
   )
 
 
@@ -126,7 +133,8 @@ def build_latent_net(model: ModelArgs, image_channels: int) -> AxisAlignedConvGa
   return AxisAlignedConvGaussian(filters=tuple(model.latent_filters),
                                  convs_per_block=model.latent_convs_per_block,
                                  latent_dim=model.latent_dim,
-                                 input_channels=image_channels + 1)
+                                 input_channels=image_channels + 1,
+                                 conv_impl=conv.resolve_impl(model.conv_impl))
 
 
 def build_networks(model: ModelArgs, image_size: int, image_channels: int) -> Networks:

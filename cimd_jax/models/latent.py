@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cimd_jax.models import conv as conv_lib
+
 # Kaiming-normal (fan_in, ReLU gain) kernels as in the Probabilistic U-Net; zero biases.
 _he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
@@ -17,11 +19,14 @@ class AxisAlignedConvGaussian(nn.Module):
   before every block except the first; then the spatial mean and a 1×1 conv
   (a Dense) to 2·latent_dim, split into mean and log_sigma. Used for both the
   AMN (image ⊕ expert mask) and the ACN (image ⊕ predicted mask). Runs in float32.
+  `conv_impl` picks how the 3×3 convs are computed (models/conv.py); the parameters
+  ('blockI_convJ/kernel' [3, 3, Cin, Cout], '.../bias') do not depend on it.
   """
   filters: tuple[int, ...]
   convs_per_block: int
   latent_dim: int
   input_channels: int | None = None   # checked against x when given
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -34,8 +39,8 @@ class AxisAlignedConvGaussian(nn.Module):
       if i:
         h = _avg_pool2_ceil(h)
       for j in range(self.convs_per_block):
-        h = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_he_normal,
-                    name=f'block{i}_conv{j}')(h)
+        h = conv_lib.conv(features, 3, padding=1, impl=self.conv_impl,
+                          kernel_init=_he_normal, name=f'block{i}_conv{j}')(h)
         h = nn.relu(h)
     h = jnp.mean(h, axis=(1, 2))
     out = nn.Dense(2 * self.latent_dim, kernel_init=_he_normal, name='to_gaussian')(h)

@@ -35,12 +35,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cimd_jax.models import conv as conv_lib
+
 Dtype = Any
 
 # PyTorch's default Conv/Linear kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _torch_default = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 _zeros = nn.initializers.zeros_init()
-_PAD1 = ((1, 1), (1, 1))  # PyTorch padding=1 (also for the stride-2 conv).
 
 
 def num_groups(channels: int) -> int:
@@ -93,11 +94,13 @@ class Norm(nn.Module):
 
 
 def _conv(features: int, kernel: int, dtype: Dtype, name: str, zero: bool = False,
-          strides: int = 1) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=_PAD1 if kernel == 3 else 'VALID', dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=_zeros if zero else _torch_default,
-                 bias_init=_zeros, name=name)
+          strides: int = 1, impl: str = 'xla') -> nn.Module:
+  """conv3x3 (PyTorch padding=1, also for the stride-2 conv) or conv1x1 (no padding),
+  by conv implementation `impl` (models/conv.py; the parameters do not depend on it)."""
+  return conv_lib.conv(features, kernel, strides=strides, padding=1 if kernel == 3 else 0,
+                       impl=impl, dtype=dtype, param_dtype=jnp.float32,
+                       kernel_init=_zeros if zero else _torch_default, bias_init=_zeros,
+                       name=name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -116,19 +119,21 @@ def avg_pool2(x: jax.Array) -> jax.Array:
 class Downsample(nn.Module):
   """Stride-2 conv3x3 (padding 1): [B, H, W, C] -> [B, H/2, W/2, C]."""
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(x.shape[-1], 3, self.dtype, 'conv', strides=2)(x)
+    return _conv(x.shape[-1], 3, self.dtype, 'conv', strides=2, impl=self.conv_impl)(x)
 
 
 class Upsample(nn.Module):
   """Nearest ×2 then conv3x3: [B, H, W, C] -> [B, 2H, 2W, C]."""
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(x.shape[-1], 3, self.dtype, 'conv')(upsample_nearest(x))
+    return _conv(x.shape[-1], 3, self.dtype, 'conv', impl=self.conv_impl)(upsample_nearest(x))
 
 
 class ResBlock(nn.Module):
@@ -145,6 +150,7 @@ class ResBlock(nn.Module):
   up: bool = False
   down: bool = False
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -154,7 +160,7 @@ class ResBlock(nn.Module):
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
       h, x = avg_pool2(h), avg_pool2(x)
-    h = _conv(out, 3, self.dtype, 'in_conv')(h)
+    h = _conv(out, 3, self.dtype, 'in_conv', impl=self.conv_impl)(h)
 
     e = nn.Dense(2 * out if self.use_scale_shift_norm else out, dtype=self.dtype,
                  param_dtype=jnp.float32, kernel_init=_torch_default, bias_init=_zeros,
@@ -168,10 +174,10 @@ class ResBlock(nn.Module):
     h = nn.silu(h)
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(out, 3, self.dtype, 'out_conv', zero=True)(h)
+    h = _conv(out, 3, self.dtype, 'out_conv', zero=True, impl=self.conv_impl)(h)
 
     if x.shape[-1] != out:
-      x = _conv(out, 1, self.dtype, 'skip')(x)
+      x = _conv(out, 1, self.dtype, 'skip', impl=self.conv_impl)(x)
     return x.astype(h.dtype) + h
 
 
@@ -220,6 +226,8 @@ class UNet(nn.Module):
   ('float32' or 'bfloat16'); parameters are float32 and the output is float32.
   With `remat`, every ResBlock and attention block is rematerialised in the
   backward pass. Dropout (train=True, dropout > 0) needs the 'dropout' rng.
+  `conv_impl` picks how the convolutions are computed ('auto', 'xla', 'im2col',
+  'shifted'; models/conv.py); the parameters and the function do not depend on it.
   """
   image_size: int
   num_channels: int
@@ -234,6 +242,7 @@ class UNet(nn.Module):
   learn_sigma: bool = True
   remat: bool = False
   dtype: str = 'float32'
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -245,10 +254,11 @@ class UNet(nn.Module):
       res_cls = nn.remat(ResBlock, static_argnums=(3,))  # (self, x, emb, train)
       attn_cls = nn.remat(AttentionBlock)
     nc = self.num_channels
+    impl = conv_lib.resolve_impl(self.conv_impl)
 
     def res(out, name, up=False, down=False):
       return res_cls(out, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                     up=up, down=down, dtype=dtype, name=name)
+                     up=up, down=down, dtype=dtype, conv_impl=impl, name=name)
 
     def attn(name):
       return attn_cls(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
@@ -261,7 +271,7 @@ class UNet(nn.Module):
     emb = timestep_embedding(t, nc).astype(dtype)
     emb = dense(4 * nc, 'time_embed_1')(nn.silu(dense(4 * nc, 'time_embed_0')(emb)))
 
-    h = _conv(self.channel_mult[0] * nc, 3, dtype, 'input_blocks_0')(x.astype(dtype))
+    h = _conv(self.channel_mult[0] * nc, 3, dtype, 'input_blocks_0', impl=impl)(x.astype(dtype))
     skips = [h]
     res_px = self.image_size
     index = 1
@@ -276,7 +286,7 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res(h.shape[-1], f'input_blocks_{index}_down', down=True)(h, emb, train)
         else:
-          h = Downsample(dtype, name=f'input_blocks_{index}_down')(h)
+          h = Downsample(dtype, impl, name=f'input_blocks_{index}_down')(h)
         skips.append(h)
         index += 1
         res_px //= 2
@@ -296,11 +306,11 @@ class UNet(nn.Module):
           if self.resblock_updown:
             h = res(h.shape[-1], f'output_blocks_{index}_up', up=True)(h, emb, train)
           else:
-            h = Upsample(dtype, name=f'output_blocks_{index}_up')(h)
+            h = Upsample(dtype, impl, name=f'output_blocks_{index}_up')(h)
           res_px *= 2
         index += 1
     assert not skips
 
     h = nn.silu(Norm(name='out_norm')(h))
-    out = _conv(2 if self.learn_sigma else 1, 3, dtype, 'out_conv', zero=True)(h)
+    out = _conv(2 if self.learn_sigma else 1, 3, dtype, 'out_conv', zero=True, impl=impl)(h)
     return out.astype(jnp.float32)

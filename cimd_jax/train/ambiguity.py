@@ -19,6 +19,7 @@ import numpy as np
 
 from cimd_jax.data import pipeline
 from cimd_jax.data.args import DataArgs, TRAIN
+from cimd_jax.models import conv
 from cimd_jax.models.build import Networks
 
 PROBE_IMAGES = 8
@@ -58,7 +59,8 @@ class AmbiguityProbe:
                                        max_examples=PROBE_IMAGES))
     self.images = jnp.asarray(batch['image'])
     self.masks = jnp.asarray(batch['masks'])
-    self._stats = jax.jit(lambda p, x, m: amn_statistics(networks, p, x, m))
+    self._stats = jax.jit(lambda p, x, m: amn_statistics(networks, p, x, m),
+                          compiler_options=conv.compiler_options(networks.amn.conv_impl))
 
   def __call__(self, params: dict[str, Any]) -> dict[str, float]:
     stats = jax.device_get(self._stats(params, self.images, self.masks))
