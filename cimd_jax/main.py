@@ -134,7 +134,11 @@ def main(argv):
 
 
 def run() -> None:
-  """The `cimd-jax` console script."""
+  """The `cimd-jax` console script (and `python -m cimd_jax.main`)."""
+  if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in sys.argv[1:]):
+    # absl exits 1 after --help and, under a console script, shows no module doc.
+    sys.modules['__main__'].__doc__ = __doc__
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=_parse_flags)
 

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 def main(argv):
   out_dir, workdir, tfds_dir, num_steps = argv[1:5]
   distributed = len(argv) > 5
-  from cimd_jax import runtime  # pylint: disable=g-import-not-at-top
+  from cimd_jax.utils import runtime  # pylint: disable=g-import-not-at-top
   if distributed:
     coordinator, num_processes, process_id = argv[5], int(argv[6]), int(argv[7])
     runtime.initialize_distributed(True, coordinator, num_processes, process_id)

@@ -68,7 +68,8 @@ def test_pip_install_into_a_new_venv(tmp_path):
   cli = subprocess.run([str(venv / 'bin' / 'cimd-jax'), '--help'], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
   assert cli.returncode == 0, cli.stderr[-3000:]
-  assert re.search(r'--mode', cli.stdout + cli.stderr)
+  assert re.search(r'--mode', cli.stdout), cli.stdout
+  assert 'Exit status' in cli.stdout, cli.stdout  # the module doc, not absl's empty one
   # A config file from the repository, run from another directory: a tiny training.
   run = subprocess.run(
       [str(venv / 'bin' / 'cimd-jax'), f'--config={ROOT}/configs/test.py',

@@ -1,11 +1,17 @@
-r"""python -m cimd_jax.bench --config=configs/<name>.py --what=model|train|sample|metrics|all
-    [--batch N] [--json] [--repeats 5]
+r"""python -m cimd_jax.bench --config=configs/<name>.py
+    --what=model|train|sample|ensemble|metrics|all [--batch N] [--json] [--repeats 5]
+    [--torch_reference=PYTHON]
 
 Every figure is the median of >= 5 timed runs after warm-up, with compile time apart,
 peak memory (RSS on CPU; device memory where there is one), achieved GFLOP/s from
-XLA's cost analysis and, measured in the same run, this machine's float32 matmul rate,
-so every figure is also a fraction of the in-run roofline. `--what=all` runs each
-measurement in its own process so that peak memory is per measurement.
+XLA's cost analysis and, measured in the same run, this machine's float32 matmul rate
+and CPU model, so every figure is also a fraction of the in-run roofline.
+`--what=ensemble` times a whole N-mask ensemble end to end (compile apart) and its
+per-step time inside the lax.scan. With `--torch_reference=PYTHON` (a Python that has
+torch), train and sample also run the official PyTorch model's matching script
+(bench/torch_reference.py) right after, in the same invocation, and print the ratio.
+`--what=all` runs each measurement in its own process so that peak memory is per
+measurement.
 """
 
 import json
@@ -20,7 +26,8 @@ from ml_collections import config_flags
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lidc.py', 'Config file.')
-_WHAT = flags.DEFINE_enum('what', 'model', ['model', 'train', 'sample', 'metrics', 'all'],
+_WHAT = flags.DEFINE_enum('what', 'model',
+                          ['model', 'train', 'sample', 'ensemble', 'metrics', 'all'],
                           'What to measure.')
 _BATCH = flags.DEFINE_integer('batch', None, 'Global batch (train) or images (sample).')
 _JSON = flags.DEFINE_bool('json', False, 'One JSON line per measurement.')
@@ -34,6 +41,12 @@ _PROFILE = flags.DEFINE_string(
     'print the XLA ops that took the most time.')
 _CACHE = flags.DEFINE_bool('compilation_cache', False,
                            'Use the persistent compilation cache (off: honest compile_s).')
+_TORCH = flags.DEFINE_string(
+    'torch_reference', '', 'train/sample: a Python with torch; also time the official '
+    'PyTorch model (configs A and B) in this run and print the ratio.')
+_TORCH_DIR = flags.DEFINE_string('torch_speed_dir', '',
+                                 "The official scripts' folder (default: "
+                                 '../shared/reference/torch_speed or $CIMD_TORCH_SPEED).')
 
 
 def _config_name() -> str:
@@ -91,17 +104,41 @@ def main(argv):
     if 'profile' in record and not _JSON.value:
       from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
       print(profile.format_report(record.pop('profile')), flush=True)
+  elif what == 'ensemble':
+    from cimd_jax.bench import sample_bench  # pylint: disable=g-import-not-at-top
+    record = sample_bench.bench_ensemble(settings_lib.from_config(config),
+                                         num_images=_BATCH.value or 1)
   else:
     from cimd_jax.bench import sample_bench  # pylint: disable=g-import-not-at-top
     record = sample_bench.bench_sample(
         settings_lib.from_config(config), num_images=_BATCH.value or 1,
         repeats=_REPEATS.value, ensemble=_ENSEMBLE.value)
-  if what in ('train', 'sample'):
+  if what in ('train', 'sample', 'ensemble'):
     roof = common.matmul_gflops()
     record['matmul_gflops_per_s'] = roof
     if record.get('gflops_per_s'):
       record['roofline_fraction'] = record['gflops_per_s'] / roof
+  if _TORCH.value and what in ('train', 'sample'):
+    record.update(_torch_ratio(settings_lib.from_config(config), what, record))
   _emit({**record, **info})
+
+
+def _torch_ratio(s, what: str, record: dict) -> dict:
+  """The official model's figure for the same work, run now, and our ratio to it."""
+  from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  cfg = torch_reference.official_config(s.model, s.data.image_size, s.data.image_channels)
+  if cfg is None:
+    return {'torch_reference': 'no official script for this config (only A and B)'}
+  size = record['batch'] if what == 'train' else record['rows']
+  torch = torch_reference.run(_TORCH.value, what, cfg, size, max(3, min(_REPEATS.value, 5)),
+                              _TORCH_DIR.value)
+  out = {'torch_cfg': cfg, 'torch_median_s': torch['median_s']}
+  if what == 'train':
+    out['torch_images_per_s'] = torch['images_per_s']
+    out['speedup_vs_torch'] = record['images_per_s'] / torch['images_per_s']
+  else:
+    out['speedup_vs_torch'] = torch['median_s'] / record['step_median_s']
+  return out
 
 
 if __name__ == '__main__':

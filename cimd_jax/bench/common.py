@@ -86,11 +86,24 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / median / 1e9
 
 
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo 'model name', else platform.processor())."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
-  """Device kind, JAX version and thread counts, stated with every figure."""
+  """Device kind, CPU model, JAX version and thread counts, stated with every figure."""
   dev = jax.devices()[0]
   return {
       'device': f'{dev.platform}:{getattr(dev, "device_kind", "")}',
+      'cpu_model': cpu_model(),
       'num_devices': jax.device_count(),
       'jax_version': jax.__version__,
       'cpu_count': os.cpu_count(),

@@ -59,20 +59,53 @@ def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: 
   measure = ensemble == 'measure' or (ensemble == 'auto' and
                                       step_median * num_steps <= max_ensemble_s)
   if measure:
-    images = np.asarray(rng.uniform(-1, 1, (b, size, size, channels)), np.float32)
-    draw = ensemble_lib.make_ensemble_fn(s.model, size, s.diffusion, s.sampling)
-    t = time.perf_counter()
-    draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    masks = draw(params, images, jax.random.PRNGKey(3), 0)
-    record['ensemble_s'] = time.perf_counter() - t
-    record['ensemble_compile_s'] = max(first - record['ensemble_s'], 0.0)
-    record['ensemble_measured'] = True
-    assert masks.shape == (b, n, size, size), masks.shape
+    record.update(time_ensemble(s, params, b))
   else:
     record['ensemble_s'] = record['ensemble_estimate_s']
     record['ensemble_measured'] = False
   record['peak_rss_mib'] = common.peak_rss_mib()
   record['device_peak_mib'] = common.device_peak_mib()
+  return record
+
+
+def time_ensemble(settings: settings_lib.Settings, params: Any, num_images: int
+                  ) -> dict[str, Any]:
+  """One whole ensemble (num_images x sampling.num_samples masks) through the
+  scanned sampler, end to end as `make_ensemble_fn` runs it: the first call
+  (compile + run) and a second, timed call with another key. Returns ensemble_s,
+  ensemble_compile_s (first minus second), ensemble_step_s (per step inside the
+  lax.scan), ensemble_measured."""
+  s = settings
+  size, channels = s.data.image_size, s.data.image_channels
+  images = np.asarray(np.random.default_rng(1).uniform(-1, 1, (num_images, size, size,
+                                                               channels)), np.float32)
+  draw = ensemble_lib.make_ensemble_fn(s.model, size, s.diffusion, s.sampling)
+  t = time.perf_counter()
+  draw(params, images, jax.random.PRNGKey(2), 0)  # compile + first run
+  first = time.perf_counter() - t
+  t = time.perf_counter()
+  masks = draw(params, images, jax.random.PRNGKey(3), 0)
+  seconds = time.perf_counter() - t
+  n = s.sampling.num_samples
+  assert masks.shape == (num_images, n, size, size), masks.shape
+  steps = s.sampling.tables(s.diffusion.betas()).num_timesteps
+  return {'ensemble_s': seconds, 'ensemble_compile_s': max(first - seconds, 0.0),
+          'ensemble_step_s': seconds / steps, 'ensemble_measured': True}
+
+
+def bench_ensemble(settings: settings_lib.Settings, num_images: int = 1) -> dict[str, Any]:
+  """`--what=ensemble`: a whole ensemble timed end to end (compile apart), with the
+  per-step time inside the scan, for the configured sampler and N."""
+  s = settings
+  size, channels = s.data.image_size, s.data.image_channels
+  unet = build.build_unet(s.model, size)
+  params = jax.jit(lambda k: unet.init(
+      k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
+      train=False)['params'])(jax.random.PRNGKey(0))
+  record = {'what': 'ensemble', 'sampler': s.sampling.sampler,
+            'steps': s.sampling.tables(s.diffusion.betas()).num_timesteps,
+            'num_images': num_images, 'num_samples': s.sampling.num_samples,
+            'rows': num_images * s.sampling.num_samples,
+            **time_ensemble(s, params, num_images)}
+  record['peak_rss_mib'] = common.peak_rss_mib()
   return record
