@@ -47,7 +47,9 @@ case "$cmd" in
     if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || true
     fi
-    exec "$VENV/bin/python" -m pytest -q tests "$@"
+    # Two workers (one per core of the target machine); each test file runs whole on
+    # one worker, so a file's module fixtures are built once.
+    exec "$VENV/bin/python" -m pytest -q -n "${CIMD_TEST_WORKERS:-2}" --dist loadfile tests "$@"
     ;;
   main)
     exec "$VENV/bin/python" -m cimd_jax.main "$@"

@@ -1,7 +1,9 @@
 """Test setup: four fake CPU devices for sharding tests, repo root on sys.path."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Must be set before jax is imported anywhere: sharding tests need 4 devices.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
@@ -16,3 +18,21 @@ if ROOT not in sys.path:
 # repository; tests that need it skip when it is absent.
 LIDC_SAMPLE = os.environ.get('CIMD_LIDC_SAMPLE') or os.path.join(
     os.path.dirname(ROOT), 'shared', 'data', 'lidc_sample')
+
+# One persistent XLA compilation cache for the whole session, shared by the xdist
+# workers and by the `main.py` subprocesses the end-to-end tests start (they inherit
+# $CIMD_JAX_CACHE): the same tiny programs are compiled once, not once per test.
+# A fresh folder per session (removed at the end), so nothing carries over between
+# runs; a folder set by the caller is used as it is.
+_OWN_CACHE = 'CIMD_JAX_CACHE' not in os.environ
+if _OWN_CACHE:
+  os.environ['CIMD_JAX_CACHE'] = tempfile.mkdtemp(prefix='cimd_jax_test_xla_cache_')
+
+from cimd_jax.utils import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+runtime.enable_compilation_cache(os.environ['CIMD_JAX_CACHE'])
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):  # the controller, not a worker
+    shutil.rmtree(os.environ['CIMD_JAX_CACHE'], ignore_errors=True)
