@@ -2,6 +2,7 @@
 structures track the experts' frequencies, and the same check rejects a model whose
 samples are all identical (the deterministic baseline)."""
 
+import jax
 import pytest
 
 from cimd_jax import settings as settings_lib
@@ -35,8 +36,15 @@ def reduced_demo(tmp_path_factory):
   config.training.eval_every = 0
   config.sampling.max_images = 16
   s = settings_lib.from_config(config)
-  modes.train(s, str(workdir), set())
-  results, _, _ = sampling.evaluate_cases(s, str(workdir), set())
+  # 400 steps and 16 ensembles: here XLA's optimisations pay for their compile time
+  # (conftest turns them off for the short tests).
+  optimised = not jax.config.jax_disable_most_optimizations
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    modes.train(s, str(workdir), set())
+    results, _, _ = sampling.evaluate_cases(s, str(workdir), set())
+  finally:
+    jax.config.update('jax_disable_most_optimizations', not optimised)
   return results
 
 
