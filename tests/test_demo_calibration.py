@@ -38,13 +38,13 @@ def reduced_demo(tmp_path_factory):
   s = settings_lib.from_config(config)
   # 400 steps and 16 ensembles: here XLA's optimisations pay for their compile time
   # (conftest turns them off for the short tests).
-  optimised = not jax.config.jax_disable_most_optimizations
+  disabled = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
   try:
     modes.train(s, str(workdir), set())
     results, _, _ = sampling.evaluate_cases(s, str(workdir), set())
   finally:
-    jax.config.update('jax_disable_most_optimizations', not optimised)
+    jax.config.update('jax_disable_most_optimizations', disabled)
   return results
 
 
