@@ -16,6 +16,16 @@ from cimd_jax.models import build
 from cimd_jax.models import conv
 
 
+def _unet_params(s: settings_lib.Settings) -> Any:
+  """Fresh UNet parameters of the configured model (jitted init; values do not
+  change the timings)."""
+  size, channels = s.data.image_size, s.data.image_channels
+  unet = build.build_unet(s.model, size)
+  return jax.jit(lambda k: unet.init(
+      k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
+      train=False)['params'])(jax.random.PRNGKey(0))
+
+
 def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: int = 5,
                  ensemble: str = 'auto', max_ensemble_s: float = 600.0) -> dict[str, Any]:
   """Seconds per reverse step of the B*N-row ensemble and per whole ensemble.
@@ -26,10 +36,7 @@ def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: 
   """
   s = settings
   size, channels = s.data.image_size, s.data.image_channels
-  unet = build.build_unet(s.model, size)
-  params = jax.jit(lambda k: unet.init(
-      k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
-      train=False)['params'])(jax.random.PRNGKey(0))
+  params = _unet_params(s)
   tables = s.sampling.tables(s.diffusion.betas())
   n, b = s.sampling.num_samples, num_images
   rows = b * n
@@ -97,11 +104,7 @@ def bench_ensemble(settings: settings_lib.Settings, num_images: int = 1) -> dict
   """`--what=ensemble`: a whole ensemble timed end to end (compile apart), with the
   per-step time inside the scan, for the configured sampler and N."""
   s = settings
-  size, channels = s.data.image_size, s.data.image_channels
-  unet = build.build_unet(s.model, size)
-  params = jax.jit(lambda k: unet.init(
-      k, jnp.zeros((1, size, size, channels + 1)), jnp.zeros((1,), jnp.int32),
-      train=False)['params'])(jax.random.PRNGKey(0))
+  params = _unet_params(s)
   record = {'what': 'ensemble', 'sampler': s.sampling.sampler,
             'steps': s.sampling.tables(s.diffusion.betas()).num_timesteps,
             'num_images': num_images, 'num_samples': s.sampling.num_samples,
