@@ -77,3 +77,17 @@ def test_metrics_bench_reports_speedup():
   record = _bench('--what=metrics', '--batch=32', '--repeats=5')
   assert record['what'] == 'metrics' and record['batch'] == 32
   assert record['speedup'] > 1 and record['images_per_s'] > 0
+
+
+@pytest.mark.parametrize('flag, named', [
+    (['--torch_reference=/no/such/python'], '--torch_reference=/no/such/python'),
+    ([f'--torch_reference={sys.executable}', f'--torch_speed_dir={ROOT}'], ROOT),
+])
+def test_bad_torch_reference_is_one_line_before_any_timing(flag, named):
+  out = subprocess.run([sys.executable, '-m', 'cimd_jax.bench', '--what=metrics', *flag],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith('cimd_jax.bench:')]
+  assert len(lines) == 1 and named in lines[0], out.stderr[-2000:]
+  assert not [l for l in out.stdout.splitlines() if l.startswith('{')]  # nothing timed

@@ -73,7 +73,25 @@ def _run_all(argv) -> None:
                    check=True)
 
 
+def _check_torch_reference() -> None:
+  """Before any timing: --torch_reference names an executable and the official
+  scripts exist; otherwise one line and exit status 2."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  if not shutil.which(_TORCH.value):
+    sys.stderr.write(f'cimd_jax.bench: --torch_reference={_TORCH.value}: not an executable; '
+                     'expected the path of a Python that has torch\n')
+    sys.exit(2)
+  folder = _TORCH_DIR.value or os.environ.get('CIMD_TORCH_SPEED', torch_reference.DEFAULT_DIR)
+  if not os.path.isfile(os.path.join(folder, 'torch_train_step.py')):
+    sys.stderr.write(f'cimd_jax.bench: {folder}: no torch_train_step.py; expected the '
+                     'folder ../shared/reference/torch_speed (set --torch_speed_dir)\n')
+    sys.exit(2)
+
+
 def main(argv):
+  if _TORCH.value:
+    _check_torch_reference()
   if _WHAT.value == 'all':
     _run_all(sys.argv)
     return
@@ -130,8 +148,11 @@ def _torch_ratio(s, what: str, record: dict) -> dict:
   if cfg is None:
     return {'torch_reference': 'no official script for this config (only A and B)'}
   size = record['batch'] if what == 'train' else record['rows']
-  torch = torch_reference.run(_TORCH.value, what, cfg, size, max(3, min(_REPEATS.value, 5)),
-                              _TORCH_DIR.value)
+  try:
+    torch = torch_reference.run(_TORCH.value, what, cfg, size,
+                                max(3, min(_REPEATS.value, 5)), _TORCH_DIR.value)
+  except (OSError, RuntimeError, ValueError) as e:  # keep our figures; name the failure
+    return {'torch_reference': f'failed: {e}'}
   out = {'torch_cfg': cfg, 'torch_median_s': torch['median_s']}
   if what == 'train':
     out['torch_images_per_s'] = torch['images_per_s']
