@@ -1,4 +1,5 @@
-r"""Entry point: train, sample, evaluate, run the demo, or compare samplers.
+r"""Entry point: train, sample, evaluate, run the demo, compare samplers, run the
+ablations, reproduce the paper-style LIDC table, or the real-data sanity check.
 
   python -m cimd_jax.main --config=configs/synthetic.py --workdir=runs/demo \
       --mode=train --config.training.num_steps=200
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-_MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations')
+_MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
+          'reproduce', 'sanity')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and outputs.')
 _MODE = flags.DEFINE_enum('mode', 'train', list(_MODES), 'What to run.')
@@ -101,7 +103,7 @@ def main(argv):
     from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
     settings = settings_lib.from_config(_CONFIG.value)
     overrides = set(config_flags.get_override_values(flags.FLAGS['config']))
-    if mode in ('train', 'demo'):
+    if mode in ('train', 'demo', 'reproduce', 'sanity'):
       os.makedirs(workdir, exist_ok=True)
     log_path = _log_file(workdir, mode, jax.process_index())
     from cimd_jax.apps import modes  # pylint: disable=g-import-not-at-top

@@ -118,12 +118,14 @@ def run_demo(train_fn: Callable[[], Any],
              evaluate_fn: Callable[..., tuple[list, dict[str, Any], str]],
              data_args: Any, split: str, num_samples: int, seed: int, workdir: str
              ) -> dict[str, Any]:
-  """Trains (`train_fn()`), evaluates (`evaluate_fn(on_results=...)`, see
-  sampling.evaluate_cases) and writes WORKDIR/report/; returns the report dict."""
+  """Trains (`train_fn()`; False means it was stopped before the end, and then
+  nothing more is done and {} is returned), evaluates (`evaluate_fn(on_results=...)`,
+  see sampling.evaluate_cases) and writes WORKDIR/report/; returns the report dict."""
   timings = {}
   t0 = time.perf_counter()
   logging.info('Demo step 1/3: training (resumes if %s has checkpoints)', workdir)
-  train_fn()
+  if train_fn() is False:
+    return {}
   timings['train'] = time.perf_counter() - t0
   t1 = time.perf_counter()
   logging.info('Demo step 2/3: sampling N=%d masks per test image', num_samples)

@@ -6,6 +6,9 @@
   demo              train -> evaluate -> baselines and calibration report (apps/demo.py)
   compare_samplers  one checkpoint scored with several samplers (apps/compare_samplers.py)
   ablations         ambiguity mode x prediction x sampler table (apps/ablations.py)
+  reproduce         train -> N = 16, 32, 100 -> the paper-style table (apps/reproduce.py)
+  sanity            train -> per-image D_a / GED on seen and unseen images beside
+                    expert references (apps/sanity.py)
 
 `overrides` are the dotted config keys given on the command line: they decide which
 differences from a checkpoint's stored configuration are errors (settings.reconcile).
@@ -23,7 +26,8 @@ from cimd_jax.train import loop
 from cimd_jax.utils import locking
 from cimd_jax.utils.errors import CheckpointNotFoundError
 
-MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations')
+MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
+         'reproduce', 'sanity')
 
 
 def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
@@ -49,6 +53,12 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
     return ablations.run(settings, workdir,
                          lambda s, run_dir: train(s, run_dir, set(), should_stop),
                          config_file or 'CONFIG', command_flags)
+  if mode in ('reproduce', 'sanity'):
+    from cimd_jax.apps import reproduce, sanity  # pylint: disable=g-import-not-at-top
+    if not train_to_end(settings, workdir, overrides, should_stop):
+      return None
+    app = reproduce if mode == 'reproduce' else sanity
+    return app.run(settings, workdir, overrides)
   raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
 
 
@@ -92,6 +102,20 @@ def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
       lock.release()
 
 
+def train_to_end(settings: settings_lib.Settings, workdir: str, overrides: set[str],
+                 should_stop: Callable[[int], bool] | None = None) -> bool:
+  """Trains (resuming) to training.num_steps; False when a stop request ended it
+  earlier (the modes that evaluate afterwards then stop too, never scoring a
+  half-trained model)."""
+  state = train(settings, workdir, overrides, should_stop)
+  done = int(jax.device_get(state.step))
+  if done < settings.training.num_steps:
+    logging.warning('Training stopped at step %d of %d: nothing evaluated; run the same '
+                    'command to resume', done, settings.training.num_steps)
+    return False
+  return True
+
+
 def demo(settings: settings_lib.Settings, workdir: str, overrides: set[str],
          should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
   """Train -> evaluate -> baselines and calibration -> WORKDIR/report/."""
@@ -101,7 +125,7 @@ def demo(settings: settings_lib.Settings, workdir: str, overrides: set[str],
   def evaluate_fn():
     return sampling.evaluate_cases(settings, workdir, overrides)
   s = settings.sampling
-  return demo_lib.run_demo(lambda: train(settings, workdir, overrides, should_stop),
+  return demo_lib.run_demo(lambda: train_to_end(settings, workdir, overrides, should_stop),
                            evaluate_fn, settings.data, s.split, s.num_samples, s.seed,
                            workdir)
 
