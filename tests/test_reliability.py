@@ -84,8 +84,9 @@ def trained(tmp_path_factory):
 # ------------------------------------------------------------------ item 3: one writer
 def test_second_trainer_is_refused_while_the_first_completes(tmp_path):
   workdir, tfds = tmp_path / 'run', tmp_path / 'tfds'
-  args = ('--config.training.num_steps=1500', '--config.training.checkpoint_every=750',
-          '--config.training.log_every=500')
+  # 600 tiny steps (~1 min) outlast the second process's start (~10-15 s) with room.
+  args = ('--config.training.num_steps=600', '--config.training.checkpoint_every=300',
+          '--config.training.log_every=300')
   first = subprocess.Popen(_cmd(workdir, tfds, *args), cwd=ROOT, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
@@ -100,7 +101,7 @@ def test_second_trainer_is_refused_while_the_first_completes(tmp_path):
   finally:
     if first.poll() is None:
       first.kill()
-  assert checkpoint.complete_steps(str(workdir)) == [750, 1500]
+  assert checkpoint.complete_steps(str(workdir)) == [300, 600]
 
 
 def test_lock_of_a_killed_run_is_taken_over(tmp_path):
