@@ -89,11 +89,7 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
                                       'seed', 'use_ema')},
             'scores': {str(n): s for n, s in scores.items()},
             'published': [dataclasses.asdict(r) for r in published.LIDC]}
-  report_dir = os.path.join(workdir, 'report')
-  os.makedirs(report_dir, exist_ok=True)
-  reports.write_json(os.path.join(report_dir, 'reproduce.json'), report)
-  with open(os.path.join(report_dir, 'reproduce.md'), 'w') as f:
-    f.write(table + '\n')
+  path = reports.write_report(workdir, 'reproduce', table, report)
   print(table, flush=True)
-  logging.info('Wrote %s', os.path.join(report_dir, 'reproduce.md'))
+  logging.info('Wrote %s', path)
   return report

@@ -104,10 +104,7 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
                      **{ref: {k: v.tolist() for k, v in sc.items()} for ref, sc in scores.items()},
                      'summary': {ref: reports.summarize(sc) for ref, sc in scores.items()}}
   table = markdown(splits, settings.sampling.num_samples, description)
-  report_dir = os.path.join(workdir, 'report')
-  os.makedirs(report_dir, exist_ok=True)
-  reports.write_json(os.path.join(report_dir, 'sanity.json'), report)
-  with open(os.path.join(report_dir, 'sanity.md'), 'w') as f:
-    f.write(table + '\n')
+  path = reports.write_report(workdir, 'sanity', table, report)
   print(table, flush=True)
+  logging.info('Wrote %s', path)
   return report

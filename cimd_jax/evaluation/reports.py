@@ -86,6 +86,21 @@ def write_json(path: str, content: dict[str, Any]) -> None:
     json.dump(content, f, indent=2, sort_keys=True, default=str)
 
 
+def write_report(workdir: str, name: str, table: str, content: dict[str, Any]) -> str:
+  """WORKDIR/report/<name>.json (`content`) and <name>.md (`table`); each file is
+  written beside its place and renamed into it, so none is ever half-written. Returns
+  the .md path."""
+  report_dir = os.path.join(workdir, 'report')
+  os.makedirs(report_dir, exist_ok=True)
+  json_path, md_path = (os.path.join(report_dir, f'{name}.{ext}') for ext in ('json', 'md'))
+  write_json(json_path + '.tmp', content)
+  with open(md_path + '.tmp', 'w') as f:
+    f.write(table + '\n')
+  os.replace(json_path + '.tmp', json_path)
+  os.replace(md_path + '.tmp', md_path)
+  return md_path
+
+
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   """{metric: {'mean', 'std', 'sem', 'count'}}: metrics.summarize plus the standard
   error of the mean, std / sqrt(count)."""
