@@ -162,3 +162,20 @@ def test_a_stopped_training_is_not_evaluated(trained, tmp_path):
   assert os.listdir(workdir / 'checkpoints')          # it saved where it stopped ...
   assert not os.path.exists(workdir / 'eval')          # ... and drew nothing
   assert not os.path.exists(workdir / 'report')
+
+
+def test_demo_mode_reports_and_a_stopped_demo_evaluates_nothing(tmp_path):
+  """--mode=demo (the README's main job) on the tiny config: a stop request during
+  training ends it with nothing evaluated; the same command then resumes and writes
+  the report, whose model row is the evaluation's own metrics.json."""
+  s = helpers.settings(tmp_path / 'tfds')
+  workdir = tmp_path / 'demo'
+  assert modes.run('demo', s, str(workdir), set(), should_stop=lambda step: True) == {}
+  assert not os.path.exists(workdir / 'eval') and not os.path.exists(workdir / 'report')
+  report = modes.run('demo', s, str(workdir), set())
+  assert report['checkpoint_step'] == s.training.num_steps
+  with open(workdir / 'eval' / 'test' / 'metrics.json') as f:
+    evaluated = json.load(f)
+  assert report['model'] == evaluated['metrics']
+  with open(workdir / 'report' / 'metrics.json') as f:
+    assert json.load(f)['num_images'] == evaluated['num_images'] == s.data.synthetic_num_test
