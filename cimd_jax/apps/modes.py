@@ -108,7 +108,7 @@ def train_to_end(settings: settings_lib.Settings, workdir: str, overrides: set[s
   earlier (the modes that evaluate afterwards then stop too, never scoring a
   half-trained model)."""
   state = train(settings, workdir, overrides, should_stop)
-  done = int(jax.device_get(state.step))
+  done = int(state.step.addressable_data(0))   # replicated; fine in multi-process jobs too
   if done < settings.training.num_steps:
     logging.warning('Training stopped at step %d of %d: nothing evaluated; run the same '
                     'command to resume', done, settings.training.num_steps)
