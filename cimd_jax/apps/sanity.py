@@ -1,7 +1,8 @@
 """--mode=sanity: does a trained model reproduce the experts' own disagreement on real
-images? After training (apps/modes.py), draws N masks per image of the 'train' split (images
-it has seen) and of the 'test' split, and scores each image's D_a and GED against all
-its experts, beside two reference "models" drawn from the experts themselves:
+images? After training (apps/modes.py), draws N masks per image of the 'train' split
+(images it has seen) and of the 'test' split, and scores each image's D_a, GED, CI and
+HM-IoU against all its experts, beside two reference "models" drawn from the experts
+themselves:
 
   one expert: the first expert's mask, N times (a model that fits one annotator and
     draws no disagreement);
