@@ -35,12 +35,17 @@ def test_x0_objective_regresses_the_mask():
   from tests import helpers  # pylint: disable=g-import-not-at-top
   s = helpers.settings(diffusion__prediction='x0')
   networks = build.build_networks(s.model, 16, 1)
-  params = build.init_params(networks, jax.random.PRNGKey(0), 16, 1)
   mask = jnp.where(jnp.arange(16 * 16).reshape(1, 16, 16, 1) % 3 == 0, 1.0, -1.0)
   batch = {'image': jnp.zeros((1, 16, 16, 1)), 'mask': mask}
+
+  @jax.jit   # one compiled program: op-by-op, init and loss take ~4x longer
+  def fresh_terms(rng):
+    params = build.init_params(networks, rng, 16, 1)
+    return objective.loss_terms(params, networks, s.diffusion.tables(), batch,
+                                jax.random.PRNGKey(1), s.objective, s.diffusion)
+
   # The UNet's output conv starts at zero: x0_hat = 0, so mse = mean(mask^2) = 1.
-  terms = objective.loss_terms(params, networks, s.diffusion.tables(), batch,
-                               jax.random.PRNGKey(1), s.objective, s.diffusion)
+  terms = fresh_terms(jax.random.PRNGKey(0))
   np.testing.assert_allclose(terms['mse'], [1.0], rtol=1e-6)
 
 
@@ -51,13 +56,14 @@ def test_sampling_denoiser_clips_the_learned_variance_channel():
   s = helpers.settings()
   tables = s.diffusion.tables()
   networks = build.build_networks(s.model, 16, 1)
-  params = build.init_params(networks, jax.random.PRNGKey(0), 16, 1)['unet']
+  params = jax.jit(lambda r: build.init_params(networks, r, 16, 1))(jax.random.PRNGKey(0))
+  params = params['unet']
   # The output conv's kernel starts at zero: its bias is the output, eps 0.3, v 5.
   params['out_conv']['bias'] = jnp.array([0.3, 5.0])
   x = jnp.zeros((2, 16, 16, 2))
   t = jnp.array([3, 40])
-  clipped = ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=True)(params, x, t)
-  raw = ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=False)(params, x, t)
+  clipped = jax.jit(ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=True))(params, x, t)
+  raw = jax.jit(ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=False))(params, x, t)
   np.testing.assert_allclose(raw[..., 1], 5.0, rtol=1e-6)
   np.testing.assert_allclose(clipped[..., 1], 1.0, rtol=1e-6)
   np.testing.assert_allclose(clipped[..., 0], raw[..., 0])

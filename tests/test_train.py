@@ -78,8 +78,8 @@ def test_gradients_reach_every_latent_leaf_and_kl_depends_on_them(tfds_dir):
   s = _settings(tfds_dir)
   tables = s.diffusion.tables()
   networks = build.build_networks(s.model, s.data.image_size, s.data.image_channels)
-  params = build.init_params(networks, jax.random.PRNGKey(0), s.data.image_size,
-                             s.data.image_channels)
+  params = jax.jit(lambda r: build.init_params(networks, r, s.data.image_size,
+                                               s.data.image_channels))(jax.random.PRNGKey(0))
   batch = _fixed_batch(s, 4)
   rng = jax.random.PRNGKey(3)
 
@@ -124,43 +124,42 @@ def test_weighted_loss_is_the_documented_sum():
   np.testing.assert_allclose(objective.weighted_loss(terms, args), [3.5, 4.0])
 
 
-def test_one_and_four_devices_agree(tfds_dir):
+_RECORDED = ('loss', 'mse', 'kl', 'grad_norm', 'mse_q0_sum', 'q0_count', 'q3_count')
+
+
+def _three_steps(s, devices, microbatches=1):
+  """Metrics [3, len(_RECORDED)] and final params of 3 steps on one fixed batch of 8."""
+  mesh = step_lib.make_mesh(devices)
+  _, state, step = _fresh(s, mesh, microbatches)
+  sharded = jax.device_put(_fixed_batch(s, 8, seed=1), step_lib.batch_sharding(mesh))
+  records = []
+  for _ in range(3):
+    state, metrics = step(state, sharded)
+    records.append([float(metrics[k]) for k in _RECORDED])
+  return np.array(records), jax.device_get(state.params)
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tfds_dir):
+  """The reference both sharded runs are compared with: one device, one micro-batch."""
+  return _three_steps(_settings(tfds_dir), jax.devices()[:1])
+
+
+def _assert_same_run(got, want):
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_one_and_four_devices_agree(tfds_dir, one_device_run):
   assert jax.device_count() >= 4, 'conftest sets 4 fake CPU devices'
-  s = _settings(tfds_dir)
-  batch = _fixed_batch(s, 8, seed=1)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:4]):
-    mesh = step_lib.make_mesh(devices)
-    _, state, step = _fresh(s, mesh)
-    sharded = jax.device_put(batch, step_lib.batch_sharding(mesh))
-    losses = []
-    for _ in range(3):
-      state, metrics = step(state, sharded)
-      losses.append(float(metrics['loss']))
-    results.append((losses, jax.device_get(state.params)))
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  _assert_same_run(_three_steps(_settings(tfds_dir), jax.devices()[:4]), one_device_run)
 
 
-def test_microbatches_give_the_same_updates(tfds_dir):
+def test_microbatches_give_the_same_updates(tfds_dir, one_device_run):
   """Gradient accumulation over 2 micro-batches on 4 devices == one batch on 1 device."""
-  s = _settings(tfds_dir)
-  batch = _fixed_batch(s, 8, seed=2)
-  results = []
-  for devices, microbatches in ((jax.devices()[:1], 1), (jax.devices()[:4], 2)):
-    mesh = step_lib.make_mesh(devices)
-    _, state, step = _fresh(s, mesh, microbatches)
-    sharded = jax.device_put(batch, step_lib.batch_sharding(mesh))
-    records = []
-    for _ in range(3):
-      state, metrics = step(state, sharded)
-      records.append([float(metrics[k]) for k in ('loss', 'mse', 'kl', 'grad_norm',
-                                                   'mse_q0_sum', 'q0_count', 'q3_count')])
-    results.append((np.array(records), jax.device_get(state.params)))
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  _assert_same_run(_three_steps(_settings(tfds_dir), jax.devices()[:4], microbatches=2),
+                   one_device_run)
 
 
 def test_microbatches_must_divide_the_batch(tfds_dir):
