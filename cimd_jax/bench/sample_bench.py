@@ -41,7 +41,8 @@ def bench_sample(settings: settings_lib.Settings, num_images: int = 1, repeats: 
   n, b = s.sampling.num_samples, num_images
   rows = b * n
 
-  apply_fn = ensemble_lib.denoiser(s.model, size, s.diffusion, s.sampling.clip_variance)
+  apply_fn = ensemble_lib.denoiser(s.model, size, s.diffusion, s.sampling.clip_variance,
+                                   s.sampling.variance_transfer, tables)
 
   step_fn = jax.jit(lambda p, img, keys, x, i: samplers.reverse_step(
       apply_fn, p, tables, img, keys, x, i, sampler=s.sampling.sampler,

@@ -9,6 +9,8 @@ from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion import schedule
 from cimd_jax.utils import config_args as ca
 
+VARIANCE_TRANSFERS = ('interpolate', 'x0_uncertainty')
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingArgs:
@@ -18,6 +20,11 @@ class SamplingArgs:
     '10,10,5') respaced DDPM; 'ddim25' DDIM's stride spacing. ddim_eta: DDIM noise.
   clip_variance: keep the learned variance inside [beta_tilde_t, beta_t] (v clipped
     to [-1, 1]; docs/samplers.md).
+  variance_transfer: how a learned variance, trained for one step of the T-step
+    chain, is used for a respaced step: 'interpolate' (improved DDPM: the same v
+    interpolates the respaced step's [beta_tilde, beta]) or 'x0_uncertainty' (the
+    Var[x_0 | x_t] it implies, clipped to [0, 1], gives the respaced step's
+    variance; needs clip_variance=False; inference/ensemble.variance_transfer_fn).
   num_samples: N masks per image. max_batch: rows (images x samples) per compiled
     call. images_per_call: images sampled together.
   use_ema: sample with the EMA weights. checkpoint: 'latest', 'best' (the best
@@ -34,6 +41,7 @@ class SamplingArgs:
   steps: str = 'ddim25'
   ddim_eta: float = 0.0
   clip_variance: bool = True
+  variance_transfer: str = 'interpolate'
   num_samples: int = 16
   max_batch: int = 64
   images_per_call: int = 4
@@ -55,6 +63,12 @@ class SamplingArgs:
               "DDIM spacings need sampling.sampler='ddim'")
     ca.check_float('sampling.ddim_eta', self.ddim_eta, 0.0, 1.0)
     ca.check_bool('sampling.clip_variance', self.clip_variance)
+    ca.check_choice('sampling.variance_transfer', self.variance_transfer,
+                    VARIANCE_TRANSFERS)
+    if self.variance_transfer == 'x0_uncertainty' and self.clip_variance:
+      ca.fail('sampling.clip_variance', self.clip_variance,
+              "False with sampling.variance_transfer='x0_uncertainty' (it bounds the "
+              'variance itself)')
     ca.check_int('sampling.num_samples', self.num_samples, 1, 10_000)
     ca.check_int('sampling.max_batch', self.max_batch, 1, 1 << 20)
     ca.check_int('sampling.images_per_call', self.images_per_call, 1, 1 << 16)
@@ -80,7 +94,8 @@ class SamplingArgs:
     """What a manifest records about the sampler."""
     return {'sampler': self.sampler, 'steps': self.steps or str(num_timesteps),
             'ddim_eta': self.ddim_eta if self.sampler == 'ddim' else None,
-            'clip_variance': self.clip_variance}
+            'clip_variance': self.clip_variance,
+            'variance_transfer': self.variance_transfer}
 
   def images_per_chunk(self) -> int:
     """Images per sampling call: images_per_call, capped so that one call's rows

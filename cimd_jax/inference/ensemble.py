@@ -9,6 +9,7 @@ import numpy as np
 from cimd_jax.diffusion import gaussian
 from cimd_jax.diffusion import samplers
 from cimd_jax.diffusion.args import DiffusionArgs
+from cimd_jax.diffusion.schedule import DiffusionTables
 from cimd_jax.inference.args import SamplingArgs
 from cimd_jax.models import conv
 from cimd_jax.models.build import ModelArgs, build_unet
@@ -18,7 +19,8 @@ EnsembleFn = Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]
 
 
 def denoiser(model: ModelArgs, image_size: int, diffusion: DiffusionArgs,
-             clip_variance: bool = True
+             clip_variance: bool = True, variance_transfer: str = 'interpolate',
+             sampler_tables: DiffusionTables | None = None
              ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   """apply_fn(params, x [R, H, W, C+1], t_orig int [R]) -> eps-form output [R, H, W, 2|1].
 
@@ -28,17 +30,70 @@ def denoiser(model: ModelArgs, image_size: int, diffusion: DiffusionArgs,
   log sigma^2 = frac log beta + (1 - frac) log beta_tilde interpolates (frac in
   [0, 1]) and never extrapolates (docs/samplers.md: an out-of-range v, seen up to 13
   on the synthetic demo, gives a variance of order 1 in the last respaced steps).
+  With `variance_transfer='x0_uncertainty'` (and `clip_variance` False) v is
+  instead re-expressed for the steps of `sampler_tables` by `variance_transfer_fn`.
   """
   unet = build_unet(model, image_size)
   train_tables = diffusion.tables()
+  transfer = None
+  if variance_transfer == 'x0_uncertainty':
+    assert sampler_tables is not None and not clip_variance
+    transfer = variance_transfer_fn(train_tables, sampler_tables)
 
   def apply_fn(params, x, t):
     out = unet.apply({'params': params}, x, t, train=False)
     out = gaussian.as_eps_output(train_tables, out, x[..., -1:], t, diffusion.prediction)
-    if clip_variance and out.shape[-1] == 2:
+    if out.shape[-1] == 2 and transfer is not None:
+      out = jnp.concatenate([out[..., :1], transfer(out[..., 1:], t)], axis=-1)
+    elif clip_variance and out.shape[-1] == 2:
       out = jnp.concatenate([out[..., :1], jnp.clip(out[..., 1:], -1.0, 1.0)], axis=-1)
     return out
   return apply_fn
+
+
+def variance_transfer_fn(train_tables: DiffusionTables, sampler_tables: DiffusionTables
+                         ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """(v [R, H, W, 1] for the training chain, t_orig int [R]) -> v' [R, H, W, 1] for
+  the sampler's step at t_orig (t_orig must be one of sampler_tables' kept steps).
+
+  The learned range was trained for one step of the training chain: its variance
+  is sigma^2 = exp(f log beta_t + (1 - f) log beta_tilde_t), f = (v + 1) / 2. The
+  VLB-optimal step variance is beta_tilde_t + coef1_t^2 Var[x_0 | x_t] (Bao et al.
+  2022, Analytic-DPM), so the model's sigma^2 says
+  Var[x_0 | x_t] = (sigma^2 - beta_tilde_t) / coef1_t^2, clipped to [0, 1] (a mask
+  lies in [-1, 1], whose variance is at most 1; v <= 1 always implies at most
+  1 - alpha_bar_t). The sampler's step from t_orig to the previous kept step has
+  its own beta_tilde' and coef1'; its variance beta_tilde' + coef1'^2 Var[x_0 | x_t]
+  is returned as the v' that the learned range of `sampler_tables` maps to it. On
+  the full chain this is v itself wherever the implied Var[x_0 | x_t] is in [0, 1].
+  """
+  step_of = np.zeros(train_tables.num_timesteps, np.int32)
+  step_of[np.asarray(sampler_tables.timestep_map)] = np.arange(sampler_tables.num_timesteps)
+  step_of = jnp.asarray(step_of)
+
+  def at(table, idx, ndim):
+    return table[idx].reshape((-1,) + (1,) * (ndim - 1))
+
+  def transfer(v, t):
+    n = v.ndim
+    log_beta = at(jnp.log(train_tables.betas), t, n)
+    log_tilde = at(train_tables.posterior_log_variance_clipped, t, n)
+    coef1 = at(train_tables.posterior_mean_coef1, t, n)
+    frac = (v + 1.0) / 2.0
+    model_var = jnp.exp(frac * log_beta + (1.0 - frac) * log_tilde)
+    var_x0 = jnp.clip((model_var - jnp.exp(log_tilde)) / jnp.square(coef1), 0.0, 1.0)
+    k = step_of[t]
+    s_log_beta = at(jnp.log(sampler_tables.betas), k, n)
+    s_log_tilde = at(sampler_tables.posterior_log_variance_clipped, k, n)
+    s_coef1 = at(sampler_tables.posterior_mean_coef1, k, n)
+    s_log_var = jnp.log(jnp.exp(s_log_tilde) + jnp.square(s_coef1) * var_x0)
+    # Where beta' = beta_tilde' (t = T - 1 of a long chain) every v gives the same
+    # variance; v' = 0 there avoids dividing by zero.
+    width = s_log_beta - s_log_tilde
+    wide = jnp.abs(width) > 1e-6
+    return jnp.where(wide, 2.0 * (s_log_var - s_log_tilde) / jnp.where(wide, width, 1.0)
+                     - 1.0, jnp.zeros_like(v))
+  return transfer
 
 
 def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs,
@@ -54,7 +109,8 @@ def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs
   """
   n = sampling.num_samples if num_samples is None else int(num_samples)
   tables = sampling.tables(diffusion.betas())
-  apply_fn = denoiser(model, image_size, diffusion, sampling.clip_variance)
+  apply_fn = denoiser(model, image_size, diffusion, sampling.clip_variance,
+                      sampling.variance_transfer, tables)
   options = conv.compiler_options(model.conv_impl)
 
   def draw(params, images, key, first_image_index):

@@ -106,7 +106,7 @@ class Model:
         ddim_eta=self.sampling.ddim_eta if eta is None else float(eta),
         max_batch=self.sampling.max_batch if max_batch is None else int(max_batch))
     key = (sampling.sampler, sampling.steps, sampling.ddim_eta, sampling.num_samples,
-           sampling.max_batch, sampling.clip_variance)
+           sampling.max_batch, sampling.clip_variance, sampling.variance_transfer)
     if key not in self._draw_fns:
       self._draw_fns[key] = ensemble.make_ensemble_fn(self.model, self.image_size,
                                                       self.diffusion, sampling)
