@@ -105,3 +105,25 @@ def test_variance_check_table_against_closed_forms():
     np.testing.assert_allclose(row['one_minus_alpha_bar'], 1.0 - ab[t], rtol=1e-5)
     # 6 x 3 x 256 pixels of a chi-square mean: within 10 %.
     np.testing.assert_allclose(row['mse_x0_hat'], (1.0 - ab[t]) / ab[t], rtol=0.1)
+
+
+def test_ensemble_uses_the_transfer_for_respaced_ddpm():
+  """The flag reaches the sampler: with a constant v = 4 (above the clip), respaced
+  DDPM draws other masks with the transfer than with the clipped interpolation."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from cimd_jax.models import build   # pylint: disable=g-import-not-at-top
+  from tests import helpers   # pylint: disable=g-import-not-at-top
+  s = helpers.settings(diffusion__prediction='eps')
+  networks = build.build_networks(s.model, 16, 1)
+  params = jax.jit(lambda r: build.init_params(networks, r, 16, 1))(jax.random.PRNGKey(0))
+  unet = jax.tree.map(np.asarray, params['unet'])
+  unet['out_conv']['bias'] = np.array([0.0, 4.0], np.float32)
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+  masks = {}
+  for name, clip in (('interpolate', True), ('x0_uncertainty', False)):
+    args = SamplingArgs(sampler='ddpm', steps='7', num_samples=3, clip_variance=clip,
+                        variance_transfer=name)
+    draw = ensemble.make_ensemble_fn(s.model, 16, s.diffusion, args)
+    masks[name] = draw(unet, images, jax.random.PRNGKey(0), 0)
+  assert masks['interpolate'].shape == masks['x0_uncertainty'].shape == (2, 3, 16, 16)
+  assert np.mean(masks['interpolate'] != masks['x0_uncertainty']) > 0.05
