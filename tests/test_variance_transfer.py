@@ -74,7 +74,7 @@ def test_variance_check_table_against_closed_forms():
   (1 - alpha_bar_t) / alpha_bar_t in expectation, and Var_v has a closed form."""
   import jax   # pylint: disable=g-import-not-at-top
   from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
-  from cimd_jax.evaluation import variance_check   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import variance_check   # pylint: disable=g-import-not-at-top
   from cimd_jax.inference import model as model_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.models import build   # pylint: disable=g-import-not-at-top
   from tests import helpers   # pylint: disable=g-import-not-at-top

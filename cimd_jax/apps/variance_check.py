@@ -11,7 +11,7 @@ This measures both sides on a split: every expert mask of every image is noised 
 x_t (fixed seed) at each t, and the table compares the mean Var_v with the mean
 squared error of the (unclipped) x_hat_0 at the same pixels.
 
-    python -m cimd_jax.evaluation.variance_check --workdir=runs/demo \
+    python -m cimd_jax.apps.variance_check --workdir=runs/demo \
         [--split=test] [--max_images=64] [--timesteps=1,2,5,10,20,50,100,200,500]
 """
 
