@@ -29,6 +29,7 @@ from cimd_jax.apps import sampling
 from cimd_jax.diffusion import gaussian
 from cimd_jax.inference import model as model_lib
 from cimd_jax.models.build import build_unet
+from cimd_jax.utils import errors
 from cimd_jax.utils.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run folder with a checkpoint')
@@ -98,6 +99,14 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  try:
+    _run()
+  except errors.UserError as e:   # bad folder, checkpoint or flag: one line, status 2
+    sys.stderr.write(f'cimd_jax: error: {errors.one_line(e)}\n')
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _run() -> None:
   model = model_lib.load(_WORKDIR.value)
   s = settings_lib.from_config(model.config)
   s = settings_lib.from_config({**settings_lib.to_dict(s), 'sampling': {

@@ -87,8 +87,8 @@ def variance_transfer_fn(train_tables: DiffusionTables, sampler_tables: Diffusio
     s_log_tilde = at(sampler_tables.posterior_log_variance_clipped, k, n)
     s_coef1 = at(sampler_tables.posterior_mean_coef1, k, n)
     s_log_var = jnp.log(jnp.exp(s_log_tilde) + jnp.square(s_coef1) * var_x0)
-    # Where beta' = beta_tilde' (t = T - 1 of a long chain) every v gives the same
-    # variance; v' = 0 there avoids dividing by zero.
+    # Where beta' = beta_tilde' to float32 precision (large t of a long chain) every v
+    # gives the same variance; v' = 0 there avoids dividing by zero.
     width = s_log_beta - s_log_tilde
     wide = jnp.abs(width) > 1e-6
     return jnp.where(wide, 2.0 * (s_log_var - s_log_tilde) / jnp.where(wide, width, 1.0)
