@@ -65,15 +65,10 @@ def variance_table(model: model_lib.Model, images: np.ndarray, experts: np.ndarr
     out = gaussian.as_eps_output(tables, out, x_t, ts, model.diffusion.prediction)
     x0_hat = gaussian.predict_xstart_from_eps(tables, x_t, ts, out[..., :1])
     v = out[..., 1:]
-    log_beta, log_tilde = jnp.log(tables.betas[t]), tables.posterior_log_variance_clipped[t]
-    coef1_sq = jnp.square(tables.posterior_mean_coef1[t])
-
-    def implied(v):
-      frac = (v + 1.0) / 2.0
-      return (jnp.exp(frac * log_beta + (1.0 - frac) * log_tilde) - jnp.exp(log_tilde)) / coef1_sq
     return {'mean_v': jnp.mean(v), 'frac_v_above_1': jnp.mean(v > 1.0),
-            'mean_var_from_v': jnp.mean(implied(v)),
-            'mean_var_from_clipped_v': jnp.mean(implied(jnp.clip(v, -1.0, 1.0))),
+            'mean_var_from_v': jnp.mean(gaussian.x0_variance_from_v(tables, v, ts)),
+            'mean_var_from_clipped_v': jnp.mean(
+                gaussian.x0_variance_from_v(tables, jnp.clip(v, -1.0, 1.0), ts)),
             'mse_x0_hat': jnp.mean(jnp.square(x0 - x0_hat))}
 
   rows = []

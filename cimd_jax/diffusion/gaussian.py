@@ -180,6 +180,20 @@ def p_mean_variance(tables: DiffusionTables, model_output: jax.Array, x_t: jax.A
   return out
 
 
+def x0_variance_from_v(tables: DiffusionTables, v: jax.Array, t: jax.Array) -> jax.Array:
+  """Var[x_0 | x_t] [B, H, W, C] that a learned-range v [B, H, W, C] at steps t int [B]
+  implies, unclipped: (sigma_v^2 - beta_tilde_t) / coef1_t^2, with sigma_v^2 the
+  variance `p_mean_variance` builds from v (the VLB's optimum is beta_tilde_t +
+  coef1_t^2 E[(x_0 - x_hat_0)^2 | x_t]; Bao et al. 2022, Analytic-DPM)."""
+  n = v.ndim
+  log_beta = _extract(jnp.log(tables.betas), t, n)
+  log_tilde = _extract(tables.posterior_log_variance_clipped, t, n)
+  coef1 = _extract(tables.posterior_mean_coef1, t, n)
+  frac = (v + 1.0) / 2.0
+  model_var = jnp.exp(frac * log_beta + (1.0 - frac) * log_tilde)
+  return (model_var - jnp.exp(log_tilde)) / jnp.square(coef1)
+
+
 def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array,
               logvar2: jax.Array) -> jax.Array:
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats.

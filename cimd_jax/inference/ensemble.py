@@ -76,12 +76,7 @@ def variance_transfer_fn(train_tables: DiffusionTables, sampler_tables: Diffusio
 
   def transfer(v, t):
     n = v.ndim
-    log_beta = at(jnp.log(train_tables.betas), t, n)
-    log_tilde = at(train_tables.posterior_log_variance_clipped, t, n)
-    coef1 = at(train_tables.posterior_mean_coef1, t, n)
-    frac = (v + 1.0) / 2.0
-    model_var = jnp.exp(frac * log_beta + (1.0 - frac) * log_tilde)
-    var_x0 = jnp.clip((model_var - jnp.exp(log_tilde)) / jnp.square(coef1), 0.0, 1.0)
+    var_x0 = jnp.clip(gaussian.x0_variance_from_v(train_tables, v, t), 0.0, 1.0)
     k = step_of[t]
     s_log_beta = at(jnp.log(sampler_tables.betas), k, n)
     s_log_tilde = at(sampler_tables.posterior_log_variance_clipped, k, n)
