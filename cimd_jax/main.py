@@ -37,6 +37,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the j
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _LOCAL_DEVICE_IDS = flags.DEFINE_list('local_device_ids', None,
                                       'Devices this process uses (e.g. 0,1).')
+_ABLATION_RUNS = flags.DEFINE_list(
+    'ablation_runs', [], '--mode=ablations: only these models, e.g. off-x0,trained-x0 '
+    '(default: all).')
+_ABLATION_SAMPLERS = flags.DEFINE_list(
+    'ablation_samplers', [], '--mode=ablations: only these samplers of ddpm1000, ddpm50, '
+    'ddim25 (default: all).')
 _VERBOSE_ERRORS = flags.DEFINE_bool(
     'verbose_errors', False, 'Show the traceback of known failures on the console too.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -113,7 +119,9 @@ def main(argv):
         for k, v in values.items() if k not in ('model.ambiguity', 'diffusion.prediction'))
     modes.run(mode, settings, workdir, overrides, should_stop=guard.should_stop,
               config_file=config_flags.get_config_filename(flags.FLAGS['config']),
-              command_flags=command_flags)
+              command_flags=command_flags,
+              ablation_runs=tuple(_ABLATION_RUNS.value),
+              ablation_samplers=tuple(_ABLATION_SAMPLERS.value))
     guard.disarm()
     if guard.stop_requested:
       logging.warning('Stopped before the end (stop requested); run the same command to '

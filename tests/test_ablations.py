@@ -6,9 +6,12 @@ tested elsewhere)."""
 import json
 import os
 
+import pytest
+
 from cimd_jax.apps import ablations
 from cimd_jax.apps import sampling
 from cimd_jax.models.build import AMBIGUITY_MODES
+from cimd_jax.utils.errors import ConfigError
 from tests import helpers
 
 
@@ -53,3 +56,31 @@ def test_every_row_is_trained_once_evaluated_per_sampler_and_reused(tmp_path, mo
   # A second run reuses every finished evaluation.
   ablations.run(s, str(tmp_path), lambda s, d: None)
   assert len(evaluated) == 3 * len(pairs)
+
+
+def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatch):
+  trained, evaluated = [], []
+
+  def fake_evaluate(s, run_dir, overrides):
+    evaluated.append((os.path.basename(run_dir), s.sampling.sampler, s.sampling.steps))
+    return [], _fake_result(0.5), s.sampling.output_dir
+
+  monkeypatch.setattr(sampling, 'evaluate_cases', fake_evaluate)
+  table = ablations.run(helpers.settings(), str(tmp_path),
+                        lambda s, d: trained.append(os.path.basename(d)),
+                        runs=('off-x0', 'trained-x0'), samplers=('ddim25',))
+  # In the table's order (trained before off), whatever the order given.
+  assert trained == ['trained-x0', 'off-x0']
+  assert evaluated == [('trained-x0', 'ddim', 'ddim25'), ('off-x0', 'ddim', 'ddim25')]
+  rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
+  assert len(rows) == 2 and '| trained | x0 | ddim25 |' in rows[0]
+
+
+@pytest.mark.parametrize('runs,samplers,named', [
+    (('off-x1',), (), "'off-x1'"), ((), ('ddim50',), "'ddim50'")])
+def test_unknown_selection_is_refused_before_any_training(tmp_path, runs, samplers, named):
+  trained = []
+  with pytest.raises(ConfigError, match=named):
+    ablations.run(helpers.settings(), str(tmp_path), lambda s, d: trained.append(d),
+                  runs=runs, samplers=samplers)
+  assert not trained

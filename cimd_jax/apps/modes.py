@@ -32,10 +32,12 @@ MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
 
 def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
         should_stop: Callable[[int], bool] | None = None, config_file: str = '',
-        command_flags: str = '') -> Any:
+        command_flags: str = '', ablation_runs: tuple[str, ...] = (),
+        ablation_samplers: tuple[str, ...] = ()) -> Any:
   """Runs `mode` (one of MODES) and returns its result. `config_file` and
   `command_flags` (the --config path and the command line's --config.* overrides)
-  are quoted in the ablation table's commands."""
+  are quoted in the ablation table's commands; `ablation_runs` / `ablation_samplers`
+  restrict that table (all rows when empty)."""
   if mode == 'train':
     return train(settings, workdir, overrides, should_stop)
   if mode == 'sample':
@@ -52,7 +54,8 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
     from cimd_jax.apps import ablations  # pylint: disable=g-import-not-at-top
     return ablations.run(settings, workdir,
                          lambda s, run_dir: train(s, run_dir, set(), should_stop),
-                         config_file or 'CONFIG', command_flags)
+                         config_file or 'CONFIG', command_flags,
+                         runs=ablation_runs, samplers=ablation_samplers)
   if mode in ('reproduce', 'sanity'):
     from cimd_jax.apps import reproduce, sanity  # pylint: disable=g-import-not-at-top
     if not train_to_end(settings, workdir, overrides, should_stop):
