@@ -69,9 +69,10 @@ def test_clip_and_transfer_together_is_a_config_error():
 
 
 def test_variance_check_table_against_closed_forms():
-  """A probe UNet (output conv kernel zero at init, bias set) predicts eps = 0 and a
-  constant v: then x_hat_0 = x_t / sqrt(alpha_bar_t), whose squared error is
-  (1 - alpha_bar_t) / alpha_bar_t in expectation, and Var_v has a closed form."""
+  """A probe UNet (output conv kernel zero at init, bias set) predicts a constant
+  eps = c and a constant v: then x_hat_0 - x_0 = sqrt((1 - alpha_bar_t) /
+  alpha_bar_t) (noise - c), whose squared error is (1 - alpha_bar_t) / alpha_bar_t
+  (1 + c^2) in expectation, and Var_v has a closed form."""
   import jax   # pylint: disable=g-import-not-at-top
   from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import variance_check   # pylint: disable=g-import-not-at-top
@@ -82,8 +83,8 @@ def test_variance_check_table_against_closed_forms():
   networks = build.build_networks(s.model, 16, 1)
   params = jax.jit(lambda r: build.init_params(networks, r, 16, 1))(jax.random.PRNGKey(0))
   unet = jax.tree.map(np.asarray, params['unet'])
-  v_const = 2.5
-  unet['out_conv']['bias'] = np.array([0.0, v_const], np.float32)
+  v_const, c = 2.5, 0.5
+  unet['out_conv']['bias'] = np.array([c, v_const], np.float32)
   model = model_lib.Model(unet, 0, settings_lib.to_dict(s))
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (6, 16, 16, 1)).astype(np.float32)
@@ -104,7 +105,22 @@ def test_variance_check_table_against_closed_forms():
     np.testing.assert_allclose(row['mean_var_from_clipped_v'], var_clipped, rtol=1e-3)
     np.testing.assert_allclose(row['one_minus_alpha_bar'], 1.0 - ab[t], rtol=1e-5)
     # 6 x 3 x 256 pixels of a chi-square mean: within 10 %.
-    np.testing.assert_allclose(row['mse_x0_hat'], (1.0 - ab[t]) / ab[t], rtol=0.1)
+    np.testing.assert_allclose(row['mse_x0_hat'], (1.0 - ab[t]) / ab[t] * (1 + c**2),
+                               rtol=0.1)
+    # The noise the table draws (seed 0 folded with t), recomputed here.
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), t),
+                                         (18, 16, 16, 1)), np.float64)
+    np.testing.assert_allclose(row['mse_eps_hat'], np.mean((noise - c)**2), rtol=1e-4)
+    offsets = np.sqrt((1.0 - ab[t]) / ab[t]) * (noise.mean(axis=(1, 2, 3)) - c)
+    np.testing.assert_allclose(row['mse_x0_hat_offset'], np.mean(offsets**2), rtol=1e-3)
+    assert row['frac_all_foreground'] == 0.0
+  # eps_hat = -1000: x_hat_0 is far above 0 at every pixel; the 3 masks of image 0
+  # are all foreground already and do not count: 15 of 18.
+  unet['out_conv']['bias'] = np.array([-1000.0, v_const], np.float32)
+  experts[0] = True
+  rows = variance_check.variance_table(model_lib.Model(unet, 0, settings_lib.to_dict(s)),
+                                       images, experts, [7])
+  np.testing.assert_allclose(rows[0]['frac_all_foreground'], 15 / 18, rtol=1e-6)
 
 
 def test_ensemble_uses_the_transfer_for_respaced_ddpm():

@@ -11,6 +11,13 @@ This measures both sides on a split: every expert mask of every image is noised 
 x_t (fixed seed) at each t, and the table compares the mean Var_v with the mean
 squared error of the (unclipped) x_hat_0 at the same pixels.
 
+It also splits that error (issue 14, why eps prediction draws all-foreground masks):
+mse_eps_hat is the network's own error when it predicts eps; mse_x0_hat_offset is the
+part of mse_x0_hat in each mask's spatial mean (the squared mean of x_hat_0 - x_0 over
+its pixels, averaged over masks), the error that shifts a whole mask at once; and
+frac_all_foreground is the fraction of masks whose x_hat_0 clipped to [-1, 1] is above
+0 at every pixel although the expert's mask is not all foreground.
+
     python -m cimd_jax.apps.variance_check --workdir=runs/demo \
         [--split=test] [--max_images=64] [--timesteps=1,2,5,10,20,50,100,200,500]
 """
@@ -40,7 +47,8 @@ _TIMESTEPS = flags.DEFINE_list('timesteps', ['1', '2', '5', '10', '20', '50', '1
 _SEED = flags.DEFINE_integer('seed', 0, 'noise seed')
 
 COLUMNS = ('t', 'mean_v', 'frac_v_above_1', 'one_minus_alpha_bar', 'mean_var_from_v',
-           'mean_var_from_clipped_v', 'mse_x0_hat')
+           'mean_var_from_clipped_v', 'mse_x0_hat', 'mse_eps_hat', 'mse_x0_hat_offset',
+           'frac_all_foreground')
 
 
 def variance_table(model: model_lib.Model, images: np.ndarray, experts: np.ndarray,
@@ -65,11 +73,17 @@ def variance_table(model: model_lib.Model, images: np.ndarray, experts: np.ndarr
     out = gaussian.as_eps_output(tables, out, x_t, ts, model.diffusion.prediction)
     x0_hat = gaussian.predict_xstart_from_eps(tables, x_t, ts, out[..., :1])
     v = out[..., 1:]
+    offset = jnp.mean(x0_hat - x0, axis=(1, 2, 3))                      # [B * A]
+    all_fg = jnp.all(jnp.clip(x0_hat, -1.0, 1.0) > 0, axis=(1, 2, 3))
+    truly_all_fg = jnp.all(x0 > 0, axis=(1, 2, 3))
     return {'mean_v': jnp.mean(v), 'frac_v_above_1': jnp.mean(v > 1.0),
             'mean_var_from_v': jnp.mean(gaussian.x0_variance_from_v(tables, v, ts)),
             'mean_var_from_clipped_v': jnp.mean(
                 gaussian.x0_variance_from_v(tables, jnp.clip(v, -1.0, 1.0), ts)),
-            'mse_x0_hat': jnp.mean(jnp.square(x0 - x0_hat))}
+            'mse_x0_hat': jnp.mean(jnp.square(x0 - x0_hat)),
+            'mse_eps_hat': jnp.mean(jnp.square(noise - out[..., :1])),
+            'mse_x0_hat_offset': jnp.mean(jnp.square(offset)),
+            'frac_all_foreground': jnp.mean(all_fg & ~truly_all_fg)}
 
   rows = []
   key = jax.random.PRNGKey(seed)
