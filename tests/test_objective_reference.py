@@ -429,3 +429,35 @@ def test_train_step_ema_uses_the_new_params():
   got = jax.device_get(new_state.ema_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
   assert int(new_state.step) == 1
+
+
+def test_truncated_snr_weighting_is_the_larger_of_the_two_errors(case):
+  """objective.mse_weighting='truncated_snr' (eps prediction): each example's mse term
+  is max(mean (eps - eps_hat)^2, mean (x_0 - x0_hat)^2), x0_hat from eps_hat in float64
+  here; both branches occur in the batch (small t: the eps error is larger)."""
+  args = objective.ObjectiveArgs(vlb_weight=LAMBDA, kl_weight=BETA, amn_input='clean',
+                                 acn_input='x0', mse_weighting='truncated_snr')
+  terms, _ = terms_and_grads(case['params'], case['batch'], case['rng'], args=args)
+  ref = case['ref']
+  e = np.asarray(case['params']['unet']['eps'], np.float64)
+  ab = ABAR[ref['t']].reshape(B, 1, 1, 1)
+  x0_hat = (ref['x_t'] - np.sqrt(1.0 - ab) * e) / np.sqrt(ab)
+  x0 = np.asarray(case['batch']['mask'], np.float64)
+  mse_x0 = np.mean((x0 - x0_hat) ** 2, axis=(1, 2, 3))
+  assert np.any(mse_x0 > ref['mse']) and np.any(mse_x0 < ref['mse'])
+  np.testing.assert_allclose(np.asarray(terms['mse']), np.maximum(ref['mse'], mse_x0),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(terms['loss']),
+                             np.maximum(ref['mse'], mse_x0) + LAMBDA * ref['vlb']
+                             + BETA * ref['kl'], rtol=1e-4)
+
+
+def test_truncated_snr_weight_of_the_x0_loss():
+  """With x_0 prediction the same loss is the x_0 error weighted by max(1, SNR_t)
+  (||eps - eps_hat||^2 = SNR_t ||x_0 - x0_hat||^2); 'uniform' weighs every t by 1."""
+  t = jnp.arange(T)
+  snr = ABAR / (1.0 - ABAR)
+  for prediction, want in (('x0', np.maximum(1.0, snr)), ('eps', np.maximum(1.0, 1 / snr))):
+    got = objective.mse_weight(TABLES, t, prediction, 'truncated_snr')
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, err_msg=prediction)
+  assert np.all(np.asarray(objective.mse_weight(TABLES, t, 'x0', 'uniform')) == 1.0)

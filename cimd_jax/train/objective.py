@@ -41,17 +41,24 @@ class ObjectiveArgs:
   amn_input: what the AMN sees besides the image: 'clean' expert mask | 'noisy' x_t.
   acn_input: what the ACN sees: 'x0' (the clipped x_0 prediction, the paper's text) |
     'eps' (the eps prediction, as the official code feeds it).
+  mse_weighting: the weight of the mean-squared term over t: 'uniform' (the paper's,
+    DDPM's "simple" loss in the predicted quantity) | 'truncated_snr' (Salimans & Ho
+    2022, §4: max(||x_0 - x_hat_0||^2, ||eps - eps_hat||^2), i.e. the eps loss weighted
+    by max(1, 1 / SNR_t) or the x_0 loss by max(1, SNR_t), SNR_t = abar_t / (1 - abar_t)).
   """
   vlb_weight: float = 0.001
   kl_weight: float = 1.0
   amn_input: str = 'clean'
   acn_input: str = 'x0'
+  mse_weighting: str = 'uniform'
 
   def __post_init__(self):
     ca.check_float('objective.vlb_weight', self.vlb_weight, 0.0)
     ca.check_float('objective.kl_weight', self.kl_weight, 0.0)
     ca.check_choice('objective.amn_input', self.amn_input, ('clean', 'noisy'))
     ca.check_choice('objective.acn_input', self.acn_input, ('x0', 'eps'))
+    ca.check_choice('objective.mse_weighting', self.mse_weighting,
+                    ('uniform', 'truncated_snr'))
 
 
 def draw_t_and_noise(rng: jax.Array, example_ids: jax.Array, num_timesteps: int,
@@ -75,8 +82,8 @@ def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTabl
                batch: dict[str, jax.Array], rng: jax.Array, args: ObjectiveArgs,
                diffusion: DiffusionArgs, train: bool = True,
                example_ids: jax.Array | None = None) -> dict[str, jax.Array]:
-  """Per-example loss terms `mse`, `vlb`, `kl`, their weighted sum `loss`, and the
-  drawn timestep `t`, each [B].
+  """Per-example loss terms `mse` (weighted over t by `args.mse_weighting`), `vlb`,
+  `kl`, their weighted sum `loss`, and the drawn timestep `t`, each [B].
 
   Args:
     params: {'unet', 'amn', 'acn'} parameter trees ('unet' only when off).
@@ -107,6 +114,7 @@ def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTabl
   else:
     eps_hat = out[..., :1]
     mse = jnp.mean(jnp.square(noise - eps_hat), axis=(1, 2, 3))
+  mse = mse * mse_weight(tables, t, diffusion.prediction, args.mse_weighting)
 
   if diffusion.variance == 'learned_range':
     frozen_mean = jnp.concatenate([jax.lax.stop_gradient(eps_hat), out[..., 1:]], axis=-1)
@@ -138,6 +146,17 @@ def loss_terms(params: dict[str, Any], networks: Networks, tables: DiffusionTabl
   terms['loss'] = weighted_loss(terms, args)
   terms['t'] = t
   return terms
+
+
+def mse_weight(tables: DiffusionTables, t: jax.Array, prediction: str, weighting: str
+               ) -> jax.Array:
+  """The per-example weight [B] of the mean-squared term in `prediction`'s units, so
+  that 'truncated_snr' gives max(x_0 error, eps error) (objective.mse_weighting)."""
+  if weighting == 'uniform':
+    return jnp.ones(t.shape, jnp.float32)
+  abar = tables.alphas_cumprod[t]
+  snr = abar / (1.0 - abar)
+  return jnp.maximum(1.0, snr if prediction == 'x0' else 1.0 / snr)
 
 
 def weighted_loss(terms: dict[str, jax.Array], args: ObjectiveArgs) -> jax.Array:
