@@ -15,9 +15,12 @@ from cimd_jax.utils.errors import ConfigError
 from tests import helpers
 
 
-def _fake_result(ci):
+def _fake_result(ci, all_foreground=True):
   stats = lambda mean: {'mean': mean, 'std': 0.1, 'sem': 0.01, 'count': 64}
-  return {'metrics': {k: stats(ci) for k in ('ged', 'ci', 'da', 'hm_iou')},
+  metrics = {k: stats(ci) for k in ('ged', 'ci', 'da', 'hm_iou')}
+  if all_foreground:
+    metrics['all_foreground'] = {'mean': 0.25, 'std': 0.4, 'sem': 0.05, 'count': 64}
+  return {'metrics': metrics,
           'calibration': {'mae_ambiguous': 0.09, 'mae_ambiguous_sem': 0.008,
                           'max_freq_never_drawn': 0.0},
           'num_images': 64, 'num_samples': 16}
@@ -50,6 +53,7 @@ def test_every_row_is_trained_once_evaluated_per_sampler_and_reused(tmp_path, mo
   rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
   assert len(rows) == 3 * len(pairs)
   assert '0.090 ± 0.008' in rows[0] and '0.510 ± 0.010' in rows[0]
+  assert '| 0.250 ± 0.050 |' in rows[0]
   assert ('--config.model.ambiguity=frozen --config.diffusion.prediction=x0 --config.x=1 '
           '--mode=train') in table
   assert os.path.exists(tmp_path / 'ablations.md')
@@ -63,7 +67,8 @@ def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatc
 
   def fake_evaluate(s, run_dir, overrides):
     evaluated.append((os.path.basename(run_dir), s.sampling.sampler, s.sampling.steps))
-    return [], _fake_result(0.5), s.sampling.output_dir
+    # As written before evaluations counted all-foreground samples: shown as '—'.
+    return [], _fake_result(0.5, all_foreground=False), s.sampling.output_dir
 
   monkeypatch.setattr(sampling, 'evaluate_cases', fake_evaluate)
   table = ablations.run(helpers.settings(), str(tmp_path),
@@ -74,6 +79,7 @@ def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatc
   assert evaluated == [('trained-x0', 'ddim', 'ddim25'), ('off-x0', 'ddim', 'ddim25')]
   rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
   assert len(rows) == 2 and '| trained | x0 | ddim25 |' in rows[0]
+  assert '| — |' in rows[0]
 
 
 @pytest.mark.parametrize('runs,samplers,named', [

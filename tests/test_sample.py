@@ -153,3 +153,20 @@ def test_parameters_that_do_not_fit_are_named(trained):
   with pytest.raises(CheckpointMismatchError,
                      match=r"parameter .* shape \(.*\) in the checkpoint but \(.*\) in the config"):
     restore.restore_unet(str(workdir), 'latest', True, expected)
+
+
+def test_score_counts_all_foreground_samples():
+  """`all_foreground` is, per image, the fraction of samples with every pixel set:
+  image 0 has 2 of 4 (a sample with one pixel off does not count), image 1 none."""
+  import types   # pylint: disable=g-import-not-at-top
+  experts = np.zeros((3, 8, 8), bool)
+  experts[:, 2:5, 2:5] = True
+  full, almost = np.ones((8, 8), bool), np.ones((8, 8), bool)
+  almost[7, 7] = False
+  masks0 = np.stack([full, almost, full, experts[0]])
+  masks1 = np.stack([almost, experts[0], experts[1], ~full])
+  results = [(types.SimpleNamespace(experts=experts), masks0),
+             (types.SimpleNamespace(experts=experts), masks1)]
+  got = sampling.score(results)
+  np.testing.assert_allclose(got['all_foreground'], [0.5, 0.0])
+  assert set(sampling.SCORE_KEYS) < set(got)

@@ -8,8 +8,9 @@ config otherwise unchanged; each is evaluated with every sampler of SAMPLERS on
 `sampling.seed` fixed) into WORKDIR/<mode>-<prediction>/eval/<sampler>/. Finished
 evaluations are reused, so an interrupted run continues where it stopped. The table
 (WORKDIR/ablations.md, printed too) gives, per row, calibration MAE on the ambiguous
-structures, the largest sampled frequency of a structure no expert draws, GED, CI,
-D_a and HM-IoU, each mean +- standard error, and the commands that reproduce the row.
+structures, the largest sampled frequency of a structure no expert draws, the
+fraction of samples that are foreground at every pixel, GED, CI, D_a and HM-IoU, each
+mean +- standard error, and the commands that reproduce the row.
 `runs` and `samplers` (main.py's --ablation_runs / --ablation_samplers) restrict the
 table to some of its models ('off-x0') and samplers ('ddim25'), in the table's order.
 """
@@ -29,7 +30,7 @@ from cimd_jax.utils.errors import ConfigError
 PREDICTIONS = ('eps', 'x0')
 # (name, sampler, steps)
 SAMPLERS = (('ddpm1000', 'ddpm', ''), ('ddpm50', 'ddpm', '50'), ('ddim25', 'ddim', 'ddim25'))
-COLUMNS = ('calibration', 'never_drawn', 'ged', 'ci', 'da', 'hm_iou')
+COLUMNS = ('calibration', 'never_drawn', 'all_foreground', 'ged', 'ci', 'da', 'hm_iou')
 
 
 def run_name(ambiguity: str, prediction: str) -> str:
@@ -83,6 +84,8 @@ def row(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
   out['calibration'] = (cal.get('mae_ambiguous', float('nan')),
                         cal.get('mae_ambiguous_sem', float('nan')))
   out['never_drawn'] = (cal.get('max_freq_never_drawn', float('nan')), float('nan'))
+  fg = m.get('all_foreground', {})     # absent from evaluations written before it existed
+  out['all_foreground'] = (fg.get('mean', float('nan')), fg.get('sem', float('nan')))
   return out
 
 
@@ -135,13 +138,16 @@ def run(settings: settings_lib.Settings, workdir: str,
 
 
 def _cell(mean: float, sem: float) -> str:
+  if mean != mean:
+    return '—'
   return f'{mean:.3f}' if sem != sem else f'{mean:.3f} ± {sem:.3f}'
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
   """The rows as a markdown table, then the command of each row."""
   head = ('| # | ambiguity | prediction | sampler | calibration MAE ↓ | max freq. never drawn ↓ '
-          '| GED ↓ | CI ↑ | D_a ↑ | HM-IoU ↑ |\n|---|---|---|---|---|---|---|---|---|---|')
+          '| all-foreground samples ↓ | GED ↓ | CI ↑ | D_a ↑ | HM-IoU ↑ |\n'
+          '|---|---|---|---|---|---|---|---|---|---|---|')
   lines = [head]
   for i, r in enumerate(rows, 1):
     v = r['values']

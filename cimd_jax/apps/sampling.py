@@ -183,10 +183,15 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
 
 
 def score(results: list[tuple[Case, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Per-image metrics (SCORE_KEYS, each float64 [B]) of sampled masks vs experts."""
+  """Per-image metrics (SCORE_KEYS, each float64 [B]) of sampled masks vs experts, and
+  `all_foreground`: the fraction of an image's samples that are foreground at every
+  pixel (a failure of eps prediction, docs/ablations.md)."""
   per_image = metrics.evaluate(np.stack([c.experts for c, _ in results]),
                                np.stack([m for _, m in results]))
-  return {k: np.asarray(per_image[k], np.float64) for k in SCORE_KEYS}
+  out = {k: np.asarray(per_image[k], np.float64) for k in SCORE_KEYS}
+  out['all_foreground'] = np.array([np.mean(np.all(m, axis=(1, 2))) for _, m in results],
+                                   np.float64)
+  return out
 
 
 def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set[str],
@@ -213,7 +218,8 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
       results = _write_all(staged.path, prepared, cases, folders, 'evaluating')
       per_image = score(results)
       reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
-                                  [c.case_id for c in cases], folders, per_image, SCORE_KEYS)
+                                  [c.case_id for c in cases], folders, per_image,
+                                  tuple(per_image))
       info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
                                        'seed', 'use_ema', 'num_images', 'prediction')}
       result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
