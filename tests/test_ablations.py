@@ -6,6 +6,7 @@ tested elsewhere)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cimd_jax.apps import ablations
@@ -90,3 +91,32 @@ def test_unknown_selection_is_refused_before_any_training(tmp_path, runs, sample
     ablations.run(helpers.settings(), str(tmp_path), lambda s, d: trained.append(d),
                   runs=runs, samplers=samplers)
   assert not trained
+
+
+def _write_per_image(folder, ged, ci):
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'per_image.csv'), 'w') as f:
+    f.write('case_id,folder,ged,ci\n')
+    for i, (g, c) in enumerate(zip(ged, ci)):
+      f.write(f'case{i},case{i},{g},{c}\n')
+
+
+def test_paired_differences_against_off_image_by_image(tmp_path):
+  """Mean and standard error of the per-image differences row - off, from the two
+  per_image.csv files; rows without an 'off' partner get no line."""
+  rng = np.random.default_rng(0)
+  ged_off, ci_off = rng.uniform(0, 1, 10), rng.uniform(0, 1, 10)
+  ged, ci = ged_off - 0.05 + 0.05 * rng.standard_normal(10), ci_off + 0.02
+  _write_per_image(tmp_path / 'trained', ged, ci)
+  _write_per_image(tmp_path / 'off', ged_off, ci_off)
+  rows = [{'ambiguity': 'trained', 'prediction': 'x0', 'sampler': 'ddim25',
+           'out_dir': str(tmp_path / 'trained')},
+          {'ambiguity': 'trained', 'prediction': 'eps', 'sampler': 'ddim25',
+           'out_dir': str(tmp_path / 'trained')},
+          {'ambiguity': 'off', 'prediction': 'x0', 'sampler': 'ddim25',
+           'out_dir': str(tmp_path / 'off')}]
+  lines = ablations.paired_against_off(rows)
+  d = ged - ged_off
+  sem = np.std(d) / np.sqrt(10)    # the project's SE: population std / sqrt(n)
+  assert lines == [f'- trained − off (x0, ddim25), 10 images: ΔGED = {d.mean():+.3f} ± '
+                   f'{sem:.3f}, ΔCI = +0.020 ± 0.000']

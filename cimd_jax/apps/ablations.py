@@ -15,15 +15,18 @@ mean +- standard error, and the commands that reproduce the row.
 table to some of its models ('off-x0') and samplers ('ddim25'), in the table's order.
 """
 
+import csv
 import dataclasses
 import json
 import os
 from typing import Any, Callable
 
 from absl import logging
+import numpy as np
 
 from cimd_jax import settings as settings_lib
 from cimd_jax.apps import sampling
+from cimd_jax.evaluation import reports
 from cimd_jax.models.build import AMBIGUITY_MODES
 from cimd_jax.utils.errors import ConfigError
 
@@ -31,6 +34,7 @@ PREDICTIONS = ('eps', 'x0')
 # (name, sampler, steps)
 SAMPLERS = (('ddpm1000', 'ddpm', ''), ('ddpm50', 'ddpm', '50'), ('ddim25', 'ddim', 'ddim25'))
 COLUMNS = ('calibration', 'never_drawn', 'all_foreground', 'ged', 'ci', 'da', 'hm_iou')
+PAIRED = ('ged', 'ci')    # per-image metrics compared image by image against 'off'
 
 
 def run_name(ambiguity: str, prediction: str) -> str:
@@ -127,7 +131,7 @@ def run(settings: settings_lib.Settings, workdir: str,
                                            set())[1]
         rows.append({'ambiguity': ambiguity, 'prediction': prediction, 'sampler': name,
                      'values': row(result), 'num_images': result['num_images'],
-                     'num_samples': result['num_samples'],
+                     'num_samples': result['num_samples'], 'out_dir': out_dir,
                      'command': commands(config_file, workdir, ambiguity, prediction, kind,
                                          steps, extra_flags)})
   table = markdown(rows)
@@ -135,6 +139,38 @@ def run(settings: settings_lib.Settings, workdir: str,
     f.write(table + '\n')
   print(table, flush=True)
   return table
+
+
+def _per_image(out_dir: str) -> tuple[list[str], dict[str, np.ndarray]] | None:
+  """(case ids, PAIRED metric -> float64 [B]) from an evaluation's per_image.csv."""
+  try:
+    with open(os.path.join(out_dir, 'per_image.csv')) as f:
+      table = list(csv.DictReader(f))
+  except OSError:
+    return None
+  return ([r['case_id'] for r in table],
+          {k: np.array([float(r[k]) for r in table]) for k in PAIRED})
+
+
+def paired_against_off(rows: list[dict[str, Any]]) -> list[str]:
+  """One line per row that has an 'off' row of the same prediction and sampler: mean
+  +- standard error over images of the per-image difference (row - off) of each
+  PAIRED metric (the same images and seed, so image-to-image spread cancels)."""
+  off = {(r['prediction'], r['sampler']): r for r in rows if r['ambiguity'] == 'off'}
+  lines = []
+  for r in rows:
+    ref = off.get((r['prediction'], r['sampler']))
+    if r['ambiguity'] == 'off' or ref is None:
+      continue
+    mine, base = _per_image(r.get('out_dir', '')), _per_image(ref.get('out_dir', ''))
+    if mine is None or base is None or mine[0] != base[0]:
+      continue
+    stats = reports.summarize({k: mine[1][k] - base[1][k] for k in PAIRED})
+    lines.append(f'- {r["ambiguity"]} − off ({r["prediction"]}, {r["sampler"]}), '
+                 f'{len(mine[0])} images: ' + ', '.join(
+                     f'Δ{k.upper()} = {stats[k]["mean"]:+.3f} ± {stats[k]["sem"]:.3f}'
+                     for k in PAIRED))
+  return lines
 
 
 def _cell(mean: float, sem: float) -> str:
@@ -157,6 +193,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   lines.append('')
   lines.append('Images and samples per image: ' + ', '.join(f'{i} images, N = {s}'
                                                             for i, s in sorted(n)) + '.')
+  paired = paired_against_off(rows)
+  if paired:
+    lines += ['', 'Paired differences against `off` (per image, same images and seed; '
+              'mean ± standard error):', ''] + paired
   lines.append('')
   lines += [f'{i}. {r["command"]}' for i, r in enumerate(rows, 1)]
   return '\n'.join(lines)
