@@ -21,9 +21,9 @@ def get_config():
   config.model.latent_filters = (16, 32, 64)
   config.model.latent_convs_per_block = 2
   config.diffusion.num_timesteps = 1000
-  # Predict x_0 rather than eps: trained the same way with eps prediction, 27-31% of
-  # the demo's samples were all-foreground masks (at 50, 200 and 1000 DDPM steps);
-  # with x_0 prediction none were (docs/samplers.md).
+  # Predict x_0 rather than eps: trained the same way with eps prediction, 19-31% of
+  # the demo's samples were all-foreground masks (DDIM-25, DDPM-50/200/1000); with
+  # x_0 prediction none were (docs/ablations.md says why).
   config.diffusion.prediction = 'x0'
   config.training.batch_size = 32
   config.training.num_steps = 1500
