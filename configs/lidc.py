@@ -7,8 +7,9 @@ learn_sigma, linear schedule, T = 1000. Prediction target: x_0, not the paper's 
 size, eps drew 19-21% all-foreground masks (calibration 0.25-0.28; x_0: 0.09-0.11,
 none), because its x_0 estimate is eps's error times (1 - abar_t) / abar_t (up to
 24,777) at the first sampling steps; weighting the eps loss by truncated SNR removes
-the all-foreground masks but reached only 0.14-0.18 (docs/ablations.md). The official code feeds 4
-copies of the image; here `data.image_channels` is 1 (pass
+the all-foreground masks but reached only 0.14-0.18 (docs/ablations.md).
+
+The official code feeds 4 copies of the image; here `data.image_channels` is 1 (pass
 --config.data.image_channels=4 for the official model's 5 input channels and exact
 parameter parity).
 
