@@ -11,6 +11,7 @@ import pytest
 
 from cimd_jax.apps import ablations
 from cimd_jax.apps import sampling
+from cimd_jax.evaluation import reports
 from cimd_jax.models.build import AMBIGUITY_MODES
 from cimd_jax.utils.errors import ConfigError
 from tests import helpers
@@ -95,10 +96,9 @@ def test_unknown_selection_is_refused_before_any_training(tmp_path, runs, sample
 
 def _write_per_image(folder, ged, ci):
   os.makedirs(folder)
-  with open(os.path.join(folder, 'per_image.csv'), 'w') as f:
-    f.write('case_id,folder,ged,ci\n')
-    for i, (g, c) in enumerate(zip(ged, ci)):
-      f.write(f'case{i},case{i},{g},{c}\n')
+  ids = [f'case{i}' for i in range(len(ged))]
+  reports.write_per_image_csv(os.path.join(folder, 'per_image.csv'), ids, ids,
+                              {'ged': ged, 'ci': ci}, ('ged', 'ci'))
 
 
 def test_paired_differences_against_off_image_by_image(tmp_path):

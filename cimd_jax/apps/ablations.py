@@ -15,7 +15,6 @@ mean +- standard error, and the commands that reproduce the row.
 table to some of its models ('off-x0') and samplers ('ddim25'), in the table's order.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -144,12 +143,9 @@ def run(settings: settings_lib.Settings, workdir: str,
 def _per_image(out_dir: str) -> tuple[list[str], dict[str, np.ndarray]] | None:
   """(case ids, PAIRED metric -> float64 [B]) from an evaluation's per_image.csv."""
   try:
-    with open(os.path.join(out_dir, 'per_image.csv')) as f:
-      table = list(csv.DictReader(f))
+    return reports.read_per_image_csv(os.path.join(out_dir, 'per_image.csv'), PAIRED)
   except OSError:
     return None
-  return ([r['case_id'] for r in table],
-          {k: np.array([float(r[k]) for r in table]) for k in PAIRED})
 
 
 def paired_against_off(rows: list[dict[str, Any]]) -> list[str]:

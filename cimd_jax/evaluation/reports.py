@@ -122,6 +122,15 @@ def write_per_image_csv(path: str, case_ids: list[str], folders: list[str],
       writer.writerow([cid, folder, *[f'{float(per_image[k][i]):.8f}' for k in keys]])
 
 
+def read_per_image_csv(path: str, keys: tuple[str, ...]
+                       ) -> tuple[list[str], dict[str, np.ndarray]]:
+  """(case ids, metric -> float64 [B]) for `keys` from a file write_per_image_csv wrote."""
+  with open(path, newline='') as f:
+    table = list(csv.DictReader(f))
+  return [r['case_id'] for r in table], {k: np.array([float(r[k]) for r in table])
+                                         for k in keys}
+
+
 def write_tensorboard(workdir: str, prefix: str, step: int, result: dict[str, Any],
                        per_image: dict[str, np.ndarray],
                        frequencies: list[np.ndarray] | None) -> None:
