@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from cimd_jax.models import conv as conv_lib
+from cimd_jax.models import norm as norm_lib
 
 Dtype = Any
 
@@ -83,13 +84,14 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class Norm(nn.Module):
-  """GroupNorm(num_groups(C)) in float32, eps 1e-5: [B, H, W, C] -> [B, H, W, C] (dtype kept)."""
+  """GroupNorm(num_groups(C)) in float32, eps 1e-5: [B, H, W, C] -> [B, H, W, C] (dtype
+  kept). nn.GroupNorm's function and parameters ('gn/scale', 'gn/bias'), reduced per
+  channel first (models/norm.py)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.GroupNorm(num_groups=num_groups(x.shape[-1]), epsilon=1e-5,
-                     dtype=jnp.float32, param_dtype=jnp.float32, name='gn')(
-                         x.astype(jnp.float32))
+    y = norm_lib.GroupNorm(num_groups=num_groups(x.shape[-1]), epsilon=1e-5,
+                           dtype=jnp.float32, param_dtype=jnp.float32, name='gn')(x)
     return y.astype(x.dtype)
 
 
