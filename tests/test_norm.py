@@ -79,8 +79,8 @@ def test_gradients_match_hand_derived(shape, groups):
 
 
 def test_epsilon_enters_under_the_square_root():
-  # A constant group has variance 0: the output is bias + 0 whatever eps, but a tiny
-  # spread (std 1e-3) against eps = 1e-2 shows whether eps is added to the variance.
+  # A spread of std 1e-3 (variance 1e-6) against eps = 1e-2: the output depends on
+  # eps, and on where it is added (under the square root, to the variance).
   rng = np.random.RandomState(2)
   x = (1e-3 * rng.randn(1, 4, 4, 4)).astype(np.float32)
   scale, bias = np.ones(4, np.float32), np.zeros(4, np.float32)
