@@ -120,3 +120,32 @@ def test_paired_differences_against_off_image_by_image(tmp_path):
   sem = np.std(d) / np.sqrt(10)    # the project's SE: population std / sqrt(n)
   assert lines == [f'- trained − off (x0, ddim25), 10 images: ΔGED = {d.mean():+.3f} ± '
                    f'{sem:.3f}, ΔCI = +0.020 ± 0.000']
+
+
+def test_paired_differences_against_trained_and_a_malformed_file(tmp_path):
+  """Against `trained`: one line per other mode except `off` (its lines are those
+  against off, negated); a per_image.csv without the GED column gives no line and no
+  crash."""
+  rng = np.random.default_rng(1)
+  ged_tr, ci_tr = rng.uniform(0, 1, 8), rng.uniform(0, 1, 8)
+  ged_fr = ged_tr + 0.1 + 0.02 * rng.standard_normal(8)
+  _write_per_image(tmp_path / 'trained', ged_tr, ci_tr)
+  _write_per_image(tmp_path / 'frozen', ged_fr, ci_tr - 0.03)
+  _write_per_image(tmp_path / 'off', ged_tr, ci_tr)
+  os.makedirs(tmp_path / 'target')
+  with open(tmp_path / 'target' / 'per_image.csv', 'w') as f:
+    f.write('case_id,ci\ncase0,0.5\n')
+  rows = [{'ambiguity': m, 'prediction': 'x0', 'sampler': 'ddpm50',
+           'out_dir': str(tmp_path / m)} for m in ('trained', 'frozen', 'target', 'off')]
+  lines = ablations.paired_against(rows, 'trained', skip=('off',))
+  d = ged_fr - ged_tr
+  assert lines == [f'- frozen − trained (x0, ddpm50), 8 images: ΔGED = {d.mean():+.3f} ± '
+                   f'{np.std(d) / np.sqrt(8):.3f}, ΔCI = -0.030 ± 0.000']
+  # The table shows both blocks.
+  for r in rows:
+    r['values'] = ablations.row(_fake_result(0.5))
+    r.update(num_images=8, num_samples=16, command='cmd')
+  table = ablations.markdown(rows)
+  assert 'Paired differences against `off`' in table
+  assert 'Paired differences against `trained`' in table
+  assert lines[0] in table
