@@ -900,3 +900,15 @@ def test_held_out_split_counts_and_errors():
   assert splits.held_out_split(ids, 0.0, 0.0, 0, 'patient') == {'train': ids}
   with pytest.raises(folder.DataError, match='leave no training patient'):
     splits.held_out_split(ids[:2], 0.5, 0.5, 0, 'patient')
+
+
+def test_natural_order_is_total_for_names_equal_as_numbers():
+  """'p01' and 'p1' are equal as numbers; the name breaks the tie, so the order (and
+  so every seeded split, on every host) does not depend on the input order or on
+  Python's per-process string hashing."""
+  ids = ['p1', 'p01', 'p001', 'p2', 'p02', 'q', 'p10', 'p010']
+  forward = sorted(ids, key=splits.natural_key)
+  assert forward == sorted(reversed(ids), key=splits.natural_key)
+  assert forward == ['p001', 'p01', 'p1', 'p02', 'p2', 'p010', 'p10', 'q']
+  assert (splits.held_out_split(ids, 0.25, 0.25, 3, 'patient')
+          == splits.held_out_split(ids[::-1], 0.25, 0.25, 3, 'patient'))

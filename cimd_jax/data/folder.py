@@ -162,6 +162,21 @@ def validation_cases(num_cases: int, fraction: float, seed: int) -> np.ndarray:
   return np.sort(rng.permutation(num_cases)[:count])
 
 
+def check_image_file_counts(splits: dict[str, list[CaseFiles]], channels: int) -> None:
+  """With channels > 1, either every case has one image file (replicated or already
+  C-channel) or every case has `channels` of them: a case with one file among cases
+  with several is a missing channel (it would be replicated silently), a DataError."""
+  cases = [c for split in sorted(splits) for c in splits[split]]
+  several = [c for c in cases if len(c.images) > 1]
+  single = [c for c in cases if len(c.images) == 1]
+  if channels > 1 and several and single:
+    raise DataError(
+        f'{_where(single[0].folder)}: has one image file ({single[0].images[0]}) while '
+        f'{len(several)} case(s) such as {several[0].folder} have '
+        f'{len(several[0].images)}; expected data.image_channels={channels} image files '
+        f'in every case ({len(single)} case(s) have one)')
+
+
 def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
   """split -> cases of `args.source_dir`, with the validation split carved out."""
   root = os.path.abspath(os.path.expanduser(args.source_dir))
@@ -170,6 +185,7 @@ def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
                               'exist or is not a folder')
   splits = {split: scan_split_folder(os.path.join(root, sub), args.num_annotators)
             for split, sub in SPLIT_FOLDERS.items()}
+  check_image_file_counts(splits, args.image_channels)
   held_out = set(validation_cases(len(splits[TRAIN]), args.validation_fraction,
                                   args.seed).tolist())
   if held_out:
@@ -309,7 +325,14 @@ def read_mask(case: CaseFiles, name: str, image_wh: tuple[int, int],
         f'{_where(folder, name)}: mask is {img.size[0]}x{img.size[1]}, but the image '
         f'{case.images[0]} is {image_wh[0]}x{image_wh[1]}; expected equal sizes')
   _check_size(img, folder, name, args)
-  img = _resized(img.convert('L'), args.image_size)
+  img = img.convert('L')
+  peak = int(np.asarray(img, np.uint8).max())
+  if 0 < peak <= args.mask_threshold:
+    raise DataError(
+        f'{_where(folder, name)}: mask values are 0..{peak}, none above '
+        f'data.mask_threshold={args.mask_threshold}, so it would read as empty; expected '
+        '0/255 masks (set data.mask_threshold=0 for 0/1 masks)')
+  img = _resized(img, args.image_size)
   return (np.asarray(img, np.uint8) > args.mask_threshold).astype(np.uint8)
 
 
@@ -321,13 +344,14 @@ def read_case(case: CaseFiles, args: DataArgs) -> dict[str, Any]:
 
 
 def _fingerprint(splits: dict[str, list[CaseFiles]]) -> str:
-  """Hash of every file name and size: a changed source gets a new cache."""
+  """Hash of every file name, size and modification time: a changed source (a file
+  added, removed or rewritten, even at the same size) gets a new cache."""
   listing = []
   for split in sorted(splits):
     for case in splits[split]:
       for name in case.images + case.labels:
-        listing.append((split, case.case_id, name,
-                        os.path.getsize(os.path.join(case.folder, name))))
+        st = os.stat(os.path.join(case.folder, name))
+        listing.append((split, case.case_id, name, st.st_size, st.st_mtime_ns))
   return records.short_hash({'files': listing}, 16)
 
 

@@ -26,9 +26,11 @@ SPLIT_NAMES = (TRAIN, VALIDATION, TEST)
 
 
 def natural_key(name: str) -> tuple:
-  """Sort key that orders digit runs numerically: '2' < '10', 'a2' < 'a10'."""
-  return tuple((0, int(part), '') if part.isdigit() else (1, 0, part)
-               for part in re.split(r'(\d+)', name) if part)
+  """Sort key that orders digit runs numerically: '2' < '10', 'a2' < 'a10'; names
+  equal as numbers ('p01', 'p1') by the name itself, so that every order is total."""
+  parts = tuple((0, int(part), '') if part.isdigit() else (1, 0, part)
+                for part in re.split(r'(\d+)', name) if part)
+  return parts, name
 
 
 def held_out_split(ids: Iterable[str], validation_fraction: float, test_fraction: float,
