@@ -347,7 +347,11 @@ def test_pickle_bad_source_and_split_file(tmp_path):
 def _write_hdf5(path, groups):
   """groups: name -> (images [N, H, W], labels [N, H, W, A]); PHiSeg's dtypes."""
   with h5py.File(path, 'w') as f:
-    for name, (images, labels) in groups.items():
+    for name, value in groups.items():
+      if isinstance(value, np.ndarray):       # a dataset where a group belongs
+        f.create_dataset(name, data=value)
+        continue
+      images, labels = value
       g = f.create_group(name)
       g.create_dataset('uids', data=np.arange(len(images), dtype=np.int64) * 7919)
       g.create_dataset('labels', data=labels)
@@ -445,6 +449,8 @@ HDF5_BAD = {
     'label_out_of_range': (_set('train', (4, 0, 0, 1), 'labels', 2),
                            ["'train/labels'", 'row 4', 'expected labels in [0, 1]']),
     'no_train_group': (lambda g: g.pop('train'), ["no group 'train'"]),
+    'group_is_a_dataset': (lambda g: g.update(val=np.zeros((3, 16, 16))),
+                           ["key 'val'", 'not a group']),
     'wrong_size': (lambda g: g.update(test=(np.zeros((4, 20, 20)),
                                             np.zeros((4, 20, 20, 2), np.uint8))),
                    ["'test/images'", '20x20', 'expected 16x16']),
@@ -453,7 +459,11 @@ HDF5_BAD = {
 
 def _write_groups_allowing_none(path, groups):
   with h5py.File(path, 'w') as f:
-    for name, (images, labels) in groups.items():
+    for name, value in groups.items():
+      if isinstance(value, np.ndarray):       # a dataset where a group belongs
+        f.create_dataset(name, data=value)
+        continue
+      images, labels = value
       g = f.create_group(name)
       g.create_dataset('images', data=images)
       if labels is not None:
@@ -471,6 +481,22 @@ def test_hdf5_bad_file_names_file_and_key(tmp_path, kind):
   args = DataArgs(name='lidc_hdf5', source_dir=str(tmp_path), tfds_dir=tfds_dir,
                   image_size=16, num_annotators=2)
   _raises_data_error(args, tfds_dir, tmp_path, [path] + parts)
+
+
+def test_hdf5_unreadable_pixels_name_file_and_key(tmp_path, monkeypatch):
+  """A read that fails inside h5py (a corrupt chunk, a missing compression filter)
+  is a one-line DataError naming the file, the group and the rows."""
+  path = str(tmp_path / 'data_lidc.hdf5')
+  _write_groups_allowing_none(path, _small_groups())
+
+  def failing_read(self, key):
+    raise OSError("Can't read data (required filter 'lzf' is not registered)")
+  monkeypatch.setattr(h5py.Dataset, '__getitem__', failing_read)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_hdf5', source_dir=str(tmp_path), tfds_dir=tfds_dir,
+                  image_size=16, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path,
+                     [path, "key 'train'", 'cannot read rows 0..', "filter 'lzf'"])
 
 
 def test_hdf5_source_must_be_one_file(tmp_path):

@@ -98,6 +98,10 @@ def scan(path: str, args: DataArgs) -> list[Group]:
       if group not in f:
         continue
       g = f[group]
+      if not isinstance(g, h5py.Group):
+        raise DataError(f"file {path}, key '{group}': is a {type(g).__name__}, not a "
+                        f"group; expected a group holding '{group}/images' and "
+                        f"'{group}/labels' (PHiSeg layout)")
       for name in ('images', 'labels'):
         if not isinstance(g.get(name), h5py.Dataset):
           raise DataError(f"file {path}, key '{group}/{name}': missing; expected "
@@ -172,7 +176,13 @@ def blocks(path: str, group: Group) -> Iterator[tuple[int, np.ndarray, np.ndarra
     images, labels = f[group.group]['images'], f[group.group]['labels']
     for start in range(0, group.num, READ_ROWS):
       stop = min(start + READ_ROWS, group.num)
-      yield start, images[start:stop], labels[start:stop]
+      try:
+        block = images[start:stop], labels[start:stop]
+      except Exception as e:  # h5py: OSError for corrupt data, missing filters, ...
+        raise DataError(f"file {path}, key '{group.group}': cannot read rows {start}.."
+                        f'{stop - 1} ({type(e).__name__}: {e}); expected a readable '
+                        'HDF5 file (complete, with its compression filter)') from e
+      yield start, *block
 
 
 def read_rows(path: str, group: Group, args: DataArgs
