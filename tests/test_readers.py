@@ -701,6 +701,20 @@ def _one_file_for_two_patterns(root):
             os.path.join(root, 'testing/p3/p3_t1_mask1.nii.gz'))
 
 
+def _flip_case_x(case_rel):
+  """Every file of one case rewritten with its first voxel axis pointing left (LAS
+  instead of RAS): the same voxels, another orientation."""
+  def fn(root):
+    flipped = AFFINE.copy()
+    flipped[0, 0] = -flipped[0, 0]
+    folder = os.path.join(root, case_rel)
+    for name in os.listdir(folder):
+      img = nib.load(os.path.join(folder, name))
+      data = np.asarray(img.dataobj)
+      nib.save(nib.Nifti1Image(data, flipped), os.path.join(folder, name))
+  return fn
+
+
 _NAN = np.zeros(SHAPE, np.float32)
 _NAN[1, 2, 3] = np.nan
 _OUTSIDE = np.zeros(SHAPE, np.uint8)
@@ -731,6 +745,10 @@ NIFTI_BAD = {
                             '24x24 crop', 'data.image_size']),
     'volume_2d': (_save_vol('testing/p3/p3_flair.nii.gz', np.zeros((20, 28), np.int16)),
                   ['testing/p3', 'p3_flair.nii.gz', 'expected a 3-D volume']),
+    'orientation_differs': (_flip_case_x('testing/p3'),
+                            ['testing/p3', 'p3_flair.nii.gz', 'voxel axes are LAS',
+                             "2 of 3 cases' are RAS", 'training/p1/p1_flair.nii.gz',
+                             'one orientation']),
     'unreadable': (_write('training/p1/p1_mask1.nii.gz', b'not nifti'),
                    ['training/p1', 'p1_mask1.nii.gz', 'cannot read NIfTI']),
 }

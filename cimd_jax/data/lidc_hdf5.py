@@ -100,8 +100,7 @@ def scan(path: str, args: DataArgs) -> list[Group]:
       g = f[group]
       if not isinstance(g, h5py.Group):
         raise DataError(f"file {path}, key '{group}': is a {type(g).__name__}, not a "
-                        f"group; expected a group holding '{group}/images' and "
-                        f"'{group}/labels' (PHiSeg layout)")
+                        f"group; expected '{group}/images' and '{group}/labels' in it")
       for name in ('images', 'labels'):
         if not isinstance(g.get(name), h5py.Dataset):
           raise DataError(f"file {path}, key '{group}/{name}': missing; expected "
@@ -180,8 +179,7 @@ def blocks(path: str, group: Group) -> Iterator[tuple[int, np.ndarray, np.ndarra
         block = images[start:stop], labels[start:stop]
       except Exception as e:  # h5py: OSError for corrupt data, missing filters, ...
         raise DataError(f"file {path}, key '{group.group}': cannot read rows {start}.."
-                        f'{stop - 1} ({type(e).__name__}: {e}); expected a readable '
-                        'HDF5 file (complete, with its compression filter)') from e
+                        f'{stop - 1} ({type(e).__name__}: {e}); expected readable data') from e
       yield start, *block
 
 

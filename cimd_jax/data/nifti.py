@@ -42,6 +42,7 @@ writes a case's sampled masks as one 4-D uint8 volume [X, Y, Z, N] and their
 per-voxel frequency as a float32 volume [X, Y, Z].
 """
 
+import collections
 import dataclasses
 import fnmatch
 import os
@@ -360,10 +361,35 @@ def make_builder(args: DataArgs, tfds_dir: str) -> CimdNifti:
   return CimdNifti(config=config, data_dir=tfds_dir)
 
 
+def check_orientations(splits: dict[str, list[CaseFiles]]) -> None:
+  """Every case's voxel axes point the same anatomical way (`nib.aff2axcodes` of its
+  first sequence, e.g. 'RAS'): slices are taken along one voxel axis without
+  reorientation, so a case stored otherwise would give slices of another plane.
+  Raises DataError naming the first case that differs from the most common one."""
+  found = []      # (case folder, first sequence, codes), splits in order
+  for cases in splits.values():
+    for case in cases:
+      name = case.images[0]
+      affine = _load_volume(case.folder, name).affine
+      found.append((case.folder, name, ''.join(str(c) for c in nib.aff2axcodes(affine))))
+  counts = collections.Counter(codes for _, _, codes in found)
+  if len(counts) < 2:
+    return
+  usual = counts.most_common(1)[0][0]
+  example = next(os.path.join(f, n) for f, n, codes in found if codes == usual)
+  folder, name, codes = next(item for item in found if item[2] != usual)
+  raise DataError(
+      f'{_where(folder, name)}: voxel axes are {codes} (nib.aff2axcodes), but '
+      f'{counts[usual]} of {len(found)} cases\' are {usual} (e.g. {example}); expected one '
+      'orientation for all cases (slices follow data.nifti_axis of the voxel array; '
+      'reorient first, e.g. nib.as_closest_canonical)')
+
+
 def validate(builder: CimdNifti) -> None:
   """Reads every volume of every case; raises DataError on the first bad one, and
   when a split would have no slice."""
   args, splits = builder.builder_config.payload
+  check_orientations(splits)
   for split, cases in splits.items():
     total = sum(len(read_case(case, args)) for case in cases)
     if not total:
