@@ -642,7 +642,7 @@ def test_file_names_follow_the_official_rule(tmp_path, caplog):
     Image.fromarray(channels[0]).save(case / 'image_t2.png')
     Image.fromarray(channels[1]).save(case / 'image_t10.png')
     masks = []
-    for i, name in enumerate(('label0_anna.png', 'label1_.png', 'label2.png')):
+    for i, name in enumerate(('label0_anna.png', 'label1_.png', 'label2.bmp')):
       m = (rng.random((16, 16)) > 0.6).astype(np.uint8) * 255
       Image.fromarray(m).save(case / name)
       masks.append(m > 127)

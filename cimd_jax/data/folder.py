@@ -11,7 +11,7 @@ A file's type is its name up to the first '_', as the official CIMD loader reads
 'label2.jpg' too); other files are ignored and listed once in the log, and two files
 claiming the same expert are an error. Cases are ordered by natural sort of the
 folder names ('2' before '10'); that is the record order of every split; several
-image files stack in natural order of their names; <ext> is jpg, jpeg, png, tif or
+image files stack in natural order of their names; <ext> is jpg, jpeg, png, bmp, tif or
 tiff. A label pixel is
 foreground when > mask_threshold (127 of 255: the masks are JPEGs, and `> 0` would
 add JPEG ringing as foreground). Images wider than 8 bits (16-bit PNG/TIFF, float
@@ -39,7 +39,7 @@ from cimd_jax.data.splits import natural_key  # re-exported: folder.natural_key
 from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
 
 SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
-EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')   # as image_folder's
 # A file's type is its name up to the first '_' (the official CIMD loader's rule), or
 # the name without extension when it has no '_': 'image' or 'label<i>'.
 _LABEL_TYPE = re.compile(r'^label(\d+)$', re.IGNORECASE)
