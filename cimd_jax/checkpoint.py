@@ -13,6 +13,7 @@ manager keeps the latest `keep` steps and, when validation scores are saved with
 step, also the best one by `best_metric`.
 """
 
+import math
 import os
 from typing import Any
 
@@ -43,12 +44,14 @@ def make_manager(workdir: str, keep: int, save_every: int = 1, best: bool = Fals
   """
   preserve = [policies.LatestN(n=keep)]
   if best:
-    preserve.append(policies.BestN(get_metric_fn=lambda m: float(m[BEST_KEY]), n=1,
+    preserve.append(policies.BestN(get_metric_fn=lambda m: _score(m[BEST_KEY]), n=1,
                                    keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       create=not read_only, read_only=read_only,
       save_decision_policy=policies.FixedIntervalPolicy(save_every),
       preservation_policy=policies.AnyPreservationPolicy(preserve),
+      # Orbax writes a step's metrics only when best_fn is set; BestN ranks by them.
+      best_fn=(lambda m: _score(m[BEST_KEY])) if best else None, best_mode='max',
       enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
@@ -144,18 +147,27 @@ def resolve_step(workdir: str, which: str | int = 'latest') -> int:
   if which == 'best':
     manager = make_manager(workdir, keep=len(steps), read_only=True, best=True)
     try:
-      scored = [s for s in steps if _has_metrics(manager, s, BEST_KEY)]
+      scored = [s for s in steps if _has_metrics(manager, s, BEST_KEY)
+                and _score(manager.metrics(s)[BEST_KEY]) > -math.inf]
       if not scored:
         raise CheckpointNotFoundError(
-            f'No checkpoint in {folder} has a validation score: train with '
-            'training.eval_every > 0 to have a best checkpoint')
-      return max(scored, key=lambda s: (float(manager.metrics(s)[BEST_KEY]), s))
+            f'No checkpoint in {folder} has a finite validation score: train with '
+            'training.eval_every > 0 (and a training.best_metric the validation data '
+            'gives) to have a best checkpoint')
+      return max(scored, key=lambda s: (_score(manager.metrics(s)[BEST_KEY]), s))
     finally:
       manager.close()
   if not which.isdigit() or int(which) not in steps:
     raise CheckpointNotFoundError(f'No checkpoint for step {which} in {folder}; '
                                   f'available steps: {steps}')
   return int(which)
+
+
+def _score(value: Any) -> float:
+  """A saved validation score for ranking; NaN (a metric the data cannot give) ranks
+  below every real score instead of comparing False both ways."""
+  value = float(value)
+  return -math.inf if math.isnan(value) else value
 
 
 def _has_metrics(manager: ocp.CheckpointManager, step: int, key: str) -> bool:

@@ -49,6 +49,13 @@ GROUPS: dict[str, type] = {
 # change after training.
 FROZEN_GROUPS = ('model', 'diffusion')
 FROZEN_KEYS = ('data.image_size', 'data.image_channels')
+# Data keys that decide the held-out splits and what the network is shown. On the
+# data source the checkpoint was trained on (same data.name and source_dir) they
+# follow the checkpoint as well, so that 'test' stays the split training never saw;
+# an explicit other value is kept (another split design) with a warning.
+SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file',
+                    'mask_threshold', 'resize', 'percentile_low', 'percentile_high',
+                    'hdf5_image_range', 'nifti_image_patterns', 'nifti_axis')
 # Model keys that change nothing stored in the checkpoint (how the same network is
 # computed), so they may differ from the checkpoint's.
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
@@ -111,8 +118,10 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
   a key that differs only because the config file says otherwise is taken from
   the checkpoint (logged); a key the user set explicitly (`overrides`, dotted names
   from the command line) to another value than the checkpoint's raises ConfigError
-  naming the key and both values. Keys that may change after training (sampling,
-  data source, training schedule, compute dtype) are kept as given.
+  naming the key and both values. On the data source it was trained on, the keys
+  that define the splits and preprocessing (SAME_SOURCE_KEYS) follow the checkpoint
+  too, explicit overrides kept with a warning. Keys that may change after training
+  (sampling, data source, training schedule, compute dtype) are kept as given.
   `stored` None (old checkpoints): `current` unchanged.
   """
   if stored is None:
@@ -139,7 +148,35 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
       logging.info('Using %s=%s from %s (the config file says %s)', name, _show(old), where,
                    _show(new))
       values[group][key] = old
+  _follow_same_source(values['data'], stored.get('data') or {}, overrides, where)
   return from_config(values)
+
+
+def _follow_same_source(data: dict[str, Any], stored: Mapping[str, Any],
+                        overrides: set[str], where: str) -> None:
+  """SAME_SOURCE_KEYS of `data` (a to_dict group, changed in place) from `stored`
+  when both name the same data source (module comment at SAME_SOURCE_KEYS)."""
+  if stored.get('name') != data['name'] or _source(stored) != _source(data):
+    return
+  for key in SAME_SOURCE_KEYS:
+    name = f'data.{key}'
+    if key not in stored or _same(data[key], stored[key]):
+      continue
+    if name in overrides:
+      logging.warning('--config.%s=%s differs from %s (trained on the same data with %s=%s):'
+                      ' its splits or preprocessing are not training\'s, so a held-out '
+                      'split may hold training cases', name, _show(data[key]), where, name,
+                      _show(stored[key]))
+      continue
+    logging.info('Using %s=%s from %s (same data source; the config file says %s)', name,
+                 _show(stored[key]), where, _show(data[key]))
+    data[key] = stored[key]
+
+
+def _source(data: Mapping[str, Any]) -> str:
+  """The real path of a data group's source_dir ('' when none)."""
+  path = data.get('source_dir') or ''
+  return os.path.realpath(os.path.expanduser(path)) if path else ''
 
 
 def _same(a: Any, b: Any) -> bool:

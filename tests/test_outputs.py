@@ -10,7 +10,7 @@ import pytest
 from cimd_jax.evaluation import reports
 from cimd_jax.utils import atomic
 from cimd_jax.utils import locking
-from cimd_jax.utils.errors import WorkdirLockedError
+from cimd_jax.utils.errors import ConfigError, WorkdirLockedError
 
 
 def test_a_held_lock_refuses_a_second_holder_naming_host_and_pid(tmp_path):
@@ -73,3 +73,59 @@ def test_case_folder_names_are_distinct_and_safe(ids):
     assert names[1] == 'a_b'
   if ids == ['x', 'x', 'x']:
     assert names == ['x', 'x-2', 'x-3']
+
+
+def test_only_an_earlier_output_or_a_new_folder_may_be_replaced(tmp_path):
+  """A commit deletes what is at final_dir: refused for the workdir and the folders
+  above it, a file, and a folder of other files; allowed for a new folder, an empty
+  one, and an earlier output (it holds the marker)."""
+  workdir = tmp_path / 'runs' / 'lidc'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  refusal = lambda p: atomic.replace_refusal(str(p), 'manifest.json', (str(workdir),))
+  for path in (workdir, tmp_path / 'runs', tmp_path):
+    assert 'which a new output would delete' in refusal(path), path
+  (tmp_path / 'notes.txt').write_text('mine')
+  assert refusal(tmp_path / 'notes.txt') == 'is a file'
+  (tmp_path / 'photos').mkdir()
+  (tmp_path / 'photos' / 'a.png').write_text('x')
+  assert 'no manifest.json' in refusal(tmp_path / 'photos')
+  assert refusal(workdir / 'samples' / 'test') is None          # new, inside the workdir
+  (tmp_path / 'empty').mkdir()
+  assert refusal(tmp_path / 'empty') is None
+  (tmp_path / 'earlier').mkdir()
+  (tmp_path / 'earlier' / 'manifest.json').write_text('{}')
+  (tmp_path / 'earlier' / 'case_0').mkdir()
+  assert refusal(tmp_path / 'earlier') is None
+  with pytest.raises(ConfigError, match=r'^sampling.output_dir .*photos: exists and holds'):
+    atomic.check_replaceable(str(tmp_path / 'photos'), 'manifest.json',
+                             'sampling.output_dir')
+
+
+def test_best_checkpoint_ranks_real_scores_and_never_a_nan_one(tmp_path):
+  """`best`: the scores are stored (Orbax writes them only with best_fn set) and the
+  highest finite one wins and is kept beyond the latest `keep`; a NaN score (a metric
+  the validation data cannot give) ranks below every real one instead of winning by
+  comparing False; only NaN scores: an error, not an arbitrary step."""
+  import jax.numpy as jnp   # pylint: disable=g-import-not-at-top
+  from cimd_jax import checkpoint   # pylint: disable=g-import-not-at-top
+  from cimd_jax.utils.errors import CheckpointNotFoundError   # pylint: disable=g-import-not-at-top
+
+  def save_all(workdir, scores, keep=10):
+    manager = checkpoint.make_manager(str(workdir), keep=keep, best=True)
+    for step, score in scores:
+      checkpoint.save(manager, step, {'w': jnp.full((2,), step, jnp.float32)}, None, {},
+                      {checkpoint.BEST_KEY: score})
+    manager.wait_until_finished()
+    manager.close()
+
+  save_all(tmp_path / 'a', [(1, float('nan')), (2, 0.4), (3, 0.7), (4, 0.5)])
+  assert checkpoint.resolve_step(str(tmp_path / 'a'), 'best') == 3
+  # Retention: the latest `keep` steps plus the best one, however old.
+  save_all(tmp_path / 'c', [(1, 0.9), (2, 0.4), (3, 0.5), (4, 0.6)], keep=2)
+  assert checkpoint.complete_steps(str(tmp_path / 'c')) == [1, 3, 4]
+  assert checkpoint.resolve_step(str(tmp_path / 'c'), 'best') == 1
+  save_all(tmp_path / 'd', [(1, 0.9), (2, float('nan')), (3, 0.5), (4, 0.6)], keep=2)
+  assert checkpoint.complete_steps(str(tmp_path / 'd')) == [1, 3, 4]
+  save_all(tmp_path / 'b', [(1, float('nan')), (2, float('nan'))])
+  with pytest.raises(CheckpointNotFoundError, match='finite validation score'):
+    checkpoint.resolve_step(str(tmp_path / 'b'), 'best')

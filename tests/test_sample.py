@@ -170,3 +170,18 @@ def test_score_counts_all_foreground_samples():
   got = sampling.score(results)
   np.testing.assert_allclose(got['all_foreground'], [0.5, 0.0])
   assert set(sampling.SCORE_KEYS) < set(got)
+
+
+def test_an_output_dir_that_would_delete_the_workdir_is_refused(trained):
+  """sampling.output_dir = the workdir (or a folder above it): a one-line ConfigError
+  before any sampling, and the checkpoints are still there."""
+  workdir, tfds_dir = trained
+  before = sorted(os.listdir(workdir))
+  for out in (workdir, workdir.parent):
+    s = _settings(tfds_dir, output_dir=str(out), num_samples=2)
+    with pytest.raises(ConfigError, match=r'^sampling.output_dir .*which a new output '
+                                          r'would delete'):
+      sampling.run_sample(s, str(workdir), set())
+    with pytest.raises(ConfigError, match='which a new output would delete'):
+      sampling.evaluate_cases(s, str(workdir), set())
+  assert sorted(os.listdir(workdir)) == before

@@ -227,3 +227,44 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, tfds_dir):
   with pytest.raises(DivergenceError, match='step'):
     helpers.train_loop(s, tmp_path / 'nan')
   assert checkpoint.complete_steps(str(tmp_path / 'nan')) == []
+
+
+def test_validation_scores_are_stored_and_best_is_kept(tmp_path, tfds_dir):
+  """Training with validation stores each validated step's score (Orbax writes metrics
+  only when its best_fn is set: without it `best` never resolved and the best step was
+  deleted like any other); `best` is the highest stored score, kept beyond
+  keep_checkpoints; calibration_mae as best_metric on data without known structure
+  frequencies is refused (it would be NaN at every step)."""
+  s = helpers.settings(tfds_dir, training__num_steps=6, training__checkpoint_every=2,
+                       training__keep_checkpoints=1, training__eval_every=2,
+                       data__validation_fraction=0.25)
+  helpers.train_loop(s, tmp_path / 'run')
+  manager = checkpoint.make_manager(str(tmp_path / 'run'), keep=3, read_only=True, best=True)
+  scores = {st: float(manager.metrics(st)[checkpoint.BEST_KEY])
+            for st in checkpoint.complete_steps(str(tmp_path / 'run'))}
+  manager.close()
+  assert 6 in scores and all(np.isfinite(v) for v in scores.values()), scores
+  best = checkpoint.resolve_step(str(tmp_path / 'run'), 'best')
+  assert scores[best] == max(scores.values())
+  # The validation grid logged something for all three validated steps.
+  assert len(glob.glob(str(tmp_path / 'run' / '**' / 'events.out.tfevents.*'),
+                       recursive=True)) >= 1
+
+
+def test_calibration_mae_as_best_metric_needs_known_frequencies(tmp_path):
+  """On data without known structure frequencies (a CIMD folder) val/calibration_mae
+  would be NaN at every validation: refused when validation starts, naming the key."""
+  from cimd_jax.train import validation   # pylint: disable=g-import-not-at-top
+  from tests.test_data import make_cimd_folder   # pylint: disable=g-import-not-at-top
+  root = make_cimd_folder(tmp_path / 'src', num_train=4, num_test=1, num_labels=3)
+  s = helpers.settings(tmp_path / 'tfds', data__name='folder', data__source_dir=root,
+                       data__validation_fraction=0.25, training__eval_every=2,
+                       training__best_metric='calibration_mae')
+  with pytest.raises(ConfigError, match=r"^training.best_metric='calibration_mae' needs "
+                                        r".*data.name='folder'"):
+    validation.Validator(str(tmp_path), s.data, s.model, s.diffusion, s.sampling, s.training)
+  # 'ci' is fine on the same data.
+  ok = helpers.settings(tmp_path / 'tfds', data__name='folder', data__source_dir=root,
+                        data__validation_fraction=0.25, training__eval_every=2)
+  assert validation.Validator(str(tmp_path), ok.data, ok.model, ok.diffusion, ok.sampling,
+                              ok.training).best_metric == 'ci'

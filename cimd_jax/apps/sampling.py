@@ -161,6 +161,7 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   if not cases:
     raise InputError(f'nothing to sample: {source} has no usable images')
   out_dir = os.path.abspath(s.sampling.output_dir or os.path.join(workdir, 'samples', name))
+  atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,))
   folders = reports.case_folder_names([c.case_id for c in cases])
   if jax.process_index() != 0:
     return out_dir
@@ -210,6 +211,7 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
     raise InputError(f'split {s.sampling.split!r} has no images to evaluate')
   out_dir = os.path.abspath(s.sampling.output_dir or
                             os.path.join(workdir, 'eval', s.sampling.split))
+  atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,))
   folders = reports.case_folder_names([c.case_id for c in cases])
   with locking.FolderLock(atomic.lock_path(out_dir), f'output folder {out_dir}'):
     staged = atomic.StagedFolder(out_dir)

@@ -59,6 +59,10 @@ class Validator:
     self.images = np.stack([c['image'] for c in self.cases])
     self.experts = np.stack([c['masks'] > 0 for c in self.cases])
     self.best_metric = training.best_metric
+    if self.best_metric == 'calibration_mae' and 'structures' not in self.cases[0]:
+      raise ConfigError(f"training.best_metric='calibration_mae' needs data whose structure "
+                        f'frequencies are known (synthetic); data.name={data.name!r} has '
+                        "none; expected 'ci', 'ged' or another metric")
     self.num_samples = training.eval_samples
     self.draw = ensemble.make_ensemble_fn(model, data.image_size, diffusion, sampling,
                                           num_samples=training.eval_samples)

@@ -6,8 +6,11 @@ which moves any previous `final_dir` aside, renames the staging folder into plac
 deletes the previous one. A run killed before `commit()` leaves the previous results
 untouched (and its staging folder, removed by the next run on the same output);
 a re-run never mixes files of two runs (no stale `sample_15.png` beside 8 new masks,
-no old metrics.json beside new masks). Use it under a `locking.FolderLock` on the
-same output so that no other live process owns a staging folder.
+no old metrics.json beside new masks). `check_replaceable` refuses, before any
+work, a `final_dir` that is not an earlier output (the workdir, a parent folder, a
+folder of other files), which a commit would delete. Use StagedFolder under a
+`locking.FolderLock` on the same output so that no other live process owns a
+staging folder.
 """
 
 import glob
@@ -15,6 +18,8 @@ import os
 import shutil
 
 from absl import logging
+
+from cimd_jax.utils.errors import ConfigError
 
 
 def staging_prefix(final_dir: str) -> str:
@@ -26,6 +31,35 @@ def lock_path(final_dir: str) -> str:
   """The lock file that guards `final_dir` and its staging folders."""
   parent, name = os.path.split(os.path.abspath(final_dir))
   return os.path.join(parent, f'.{name}.lock')
+
+
+def replace_refusal(final_dir: str, marker: str, protected: tuple[str, ...] = ()
+                    ) -> str | None:
+  """Why a commit must not replace `final_dir` (None when it may): it is or contains
+  one of the `protected` paths (e.g. the workdir with its checkpoints), it is a
+  file, or it is a non-empty folder without `marker` (not an earlier output)."""
+  final_dir = os.path.realpath(final_dir)
+  for path in protected:
+    path = os.path.realpath(path)
+    if os.path.commonpath([final_dir, path]) == final_dir:
+      return f'is or contains {path}, which a new output would delete'
+  if not os.path.lexists(final_dir):
+    return None
+  if not os.path.isdir(final_dir):
+    return 'is a file'
+  if os.listdir(final_dir) and not os.path.exists(os.path.join(final_dir, marker)):
+    return (f'exists and holds files but no {marker}, so it is not an earlier output '
+            'and a new output would delete them')
+  return None
+
+
+def check_replaceable(final_dir: str, marker: str, key: str, protected: tuple[str, ...] = ()
+                      ) -> None:
+  """Raises ConfigError naming `key` when `replace_refusal` refuses `final_dir`."""
+  reason = replace_refusal(final_dir, marker, protected)
+  if reason:
+    raise ConfigError(f'{key} {os.path.abspath(final_dir)}: {reason}; expected a new '
+                      f'folder or an earlier output (one with {marker})')
 
 
 class StagedFolder:

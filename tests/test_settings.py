@@ -1,0 +1,54 @@
+"""settings.reconcile: what a trained checkpoint fixes beyond the network, on the data
+it was trained on (the held-out splits and the preprocessing)."""
+
+import logging
+import os
+
+from cimd_jax import settings as settings_lib
+
+
+def _settings(**data):
+  config = settings_lib.default_config()
+  config.data.update(data)
+  return settings_lib.from_config(config)
+
+
+def _stored(**data):
+  return settings_lib.to_dict(_settings(**data))
+
+
+TRAINED = dict(name='lidc_pickle', source_dir='/data/lidc', seed=3, test_fraction=0.3,
+               validation_fraction=0.1, percentile_low=1.0, mask_threshold=100)
+
+
+def test_split_and_preprocessing_keys_follow_the_checkpoint_on_its_source():
+  """The config file's seed/fractions/percentiles/threshold are replaced by the
+  checkpoint's: otherwise 'test' would be another draw of patients, mostly trained on."""
+  now = _settings(name='lidc_pickle', source_dir='/data/lidc/')   # the config's defaults
+  got = settings_lib.reconcile(now, _stored(**TRAINED), set(), 'ckpt').data
+  assert (got.seed, got.test_fraction, got.validation_fraction) == (3, 0.3, 0.1)
+  assert (got.percentile_low, got.mask_threshold) == (1.0, 100)
+  assert settings_lib.reconcile(now, _stored(**TRAINED), set(), 'ckpt').sampling == now.sampling
+
+
+def test_an_explicit_other_split_is_kept_with_a_warning(caplog):
+  now = _settings(name='lidc_pickle', source_dir='/data/lidc', seed=7)
+  with caplog.at_level(logging.WARNING):
+    got = settings_lib.reconcile(now, _stored(**TRAINED), {'data.seed'}, 'ckpt').data
+  assert got.seed == 7 and got.test_fraction == 0.3          # only the override is kept
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any('--config.data.seed=7' in m and 'data.seed=3' in m and
+             'may hold training cases' in m for m in warned), warned
+
+
+def test_another_source_keeps_the_given_keys(tmp_path, monkeypatch):
+  other = _settings(name='lidc_pickle', source_dir='/data/other', seed=0)
+  assert settings_lib.reconcile(other, _stored(**TRAINED), set(), 'ckpt').data.seed == 0
+  folder = _settings(name='folder', source_dir='/data/lidc', seed=0)
+  assert settings_lib.reconcile(folder, _stored(**TRAINED), set(), 'ckpt').data.seed == 0
+  # The same folder by a relative path is the same source.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'lidc').mkdir()
+  relative = _settings(name='lidc_pickle', source_dir='lidc', seed=0)
+  trained = dict(TRAINED, source_dir=str(tmp_path / 'lidc'))
+  assert settings_lib.reconcile(relative, _stored(**trained), set(), 'ckpt').data.seed == 3
