@@ -185,3 +185,21 @@ def test_an_output_dir_that_would_delete_the_workdir_is_refused(trained):
     with pytest.raises(ConfigError, match='which a new output would delete'):
       sampling.evaluate_cases(s, str(workdir), set())
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_a_checkpoint_of_an_unfinished_run_is_warned_about(trained, caplog, monkeypatch):
+  """warn_if_unfinished: step < the stored training.num_steps warns, a finished run
+  does not; sample/evaluate check the checkpoint they restore."""
+  from cimd_jax.inference import restore  # pylint: disable=g-import-not-at-top
+  with caplog.at_level('WARNING'):
+    assert restore.warn_if_unfinished(1200, {'training': {'num_steps': 5000}}, 'ckpt X')
+    assert not restore.warn_if_unfinished(5000, {'training': {'num_steps': 5000}}, 'ckpt X')
+    assert not restore.warn_if_unfinished(7, None, 'ckpt X')
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+  assert warned == ['ckpt X: step 1200 of a run configured for 5000 steps '
+                    '(training.num_steps); the model has not finished training']
+  workdir, tfds_dir = trained
+  calls = []
+  monkeypatch.setattr(restore, 'warn_if_unfinished', lambda *a: calls.append(a[:2]))
+  sampling.prepare(_settings(tfds_dir), str(workdir), set())
+  assert calls == [(2, calls[0][1])] and calls[0][1]['training']['num_steps'] == 2

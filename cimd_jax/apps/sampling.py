@@ -55,6 +55,7 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
   """Restores the checkpoint named by sampling.checkpoint and builds the ensemble
   function, with the model and diffusion settings stored in the checkpoint."""
   step, stored = restore.read_config(workdir, settings.sampling.checkpoint)
+  restore.warn_if_unfinished(step, stored, f'the checkpoint in {workdir}')
   settings = settings_lib.reconcile(settings, stored, overrides,
                                     f'the checkpoint of step {step} in {workdir}')
   expected = unet_param_shapes(settings.model, settings.data.image_size,

@@ -4,6 +4,7 @@ configuration stored with the checkpoint, checked before anything is drawn."""
 import dataclasses
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +37,18 @@ def read_config(workdir: str, which: str | int = 'latest'
     return step, checkpoint.stored_config(manager, step)
   finally:
     manager.close()
+
+
+def warn_if_unfinished(step: int, stored: dict[str, Any] | None, where: str) -> bool:
+  """Logs a warning (and returns True) when checkpoint `step` comes before the
+  training.num_steps its run was configured for: results from it are of a model
+  that has not finished training."""
+  planned = ((stored or {}).get('training') or {}).get('num_steps')
+  if planned is None or step >= planned:
+    return False
+  logging.warning('%s: step %d of a run configured for %d steps (training.num_steps); '
+                  'the model has not finished training', where, step, planned)
+  return True
 
 
 def restore_unet(workdir: str, which: str | int = 'latest', use_ema: bool = True,
