@@ -203,3 +203,26 @@ def test_a_checkpoint_of_an_unfinished_run_is_warned_about(trained, caplog, monk
   monkeypatch.setattr(restore, 'warn_if_unfinished', lambda *a: calls.append(a[:2]))
   sampling.prepare(_settings(tfds_dir), str(workdir), set())
   assert calls == [(2, calls[0][1])] and calls[0][1]['training']['num_steps'] == 2
+
+
+def test_prepare_images_reads_uint8_and_floats_and_warns_on_0_1_floats(caplog):
+  """uint8 -> x / 127.5 - 1 (as training); floats in [-1, 1] pass unchanged; a float
+  batch with no negative value (likely [0, 1] images) is warned about; out of range
+  or non-finite is an InputError."""
+  from cimd_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  from cimd_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  u8 = np.array([[[0, 255], [51, 204]]], np.uint8)                 # [1, 2, 2]
+  got = model_lib.prepare_images(u8, 2, 3)
+  assert got.shape == (1, 2, 2, 3)
+  np.testing.assert_allclose(got[0, :, :, 2], u8[0] / 127.5 - 1.0, rtol=1e-6)
+  signed = np.array([[[-0.5, 0.25], [1.0, -1.0]]], np.float32)
+  with caplog.at_level('WARNING'):
+    np.testing.assert_array_equal(model_lib.prepare_images(signed, 2, 1)[..., 0], signed)
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    unit = np.array([[[0.0, 0.25], [1.0, 0.5]]], np.float32)
+    np.testing.assert_array_equal(model_lib.prepare_images(unit, 2, 1)[..., 0], unit)
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+  assert len(warned) == 1 and 'lie in [0, 1]' in warned[0] and '2x - 1' in warned[0]
+  for bad in (signed * 2, np.where(signed > 0, np.nan, signed)):
+    with pytest.raises(InputError, match=r'finite and in \[-1, 1\]'):
+      model_lib.prepare_images(bad, 2, 1)

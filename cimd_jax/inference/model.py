@@ -15,6 +15,7 @@ checkpoint; the sampler defaults to the one the run was configured with.
 import dataclasses
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -41,8 +42,9 @@ def prepare_images(images: Any, image_size: int, image_channels: int) -> np.ndar
   """Images as the model takes them: float32 [B, H, W, C] in [-1, 1].
 
   Accepts uint8 [B, H, W] or [B, H, W, C] (0..255, read as training reads records:
-  x / 127.5 - 1), or float arrays already in [-1, 1]. A single-channel image is
-  repeated to C channels. Raises InputError naming the shape or range at fault.
+  x / 127.5 - 1), or float arrays already in [-1, 1] (a batch with no negative value,
+  likely [0, 1] images, is warned about). A single-channel image is repeated to C
+  channels. Raises InputError naming the shape or range at fault.
   """
   x = np.asarray(images)
   if x.ndim == 3:
@@ -64,6 +66,10 @@ def prepare_images(images: Any, image_size: int, image_channels: int) -> np.ndar
   if not np.all(np.isfinite(x)) or x.min() < -1.0 - 1e-6 or x.max() > 1.0 + 1e-6:
     raise InputError(f'float images must be finite and in [-1, 1], got range '
                      f'[{np.nanmin(x):.4g}, {np.nanmax(x):.4g}]')
+  if x.min() >= 0.0:     # training's images span [-1, 1]: these look like [0, 1] ones
+    logging.warning('float images all lie in [%.4g, %.4g]: the model takes [-1, 1] '
+                    '(uint8 / 127.5 - 1); rescale [0, 1] images (2x - 1) or pass uint8',
+                    x.min(), x.max())
   return x
 
 
