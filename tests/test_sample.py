@@ -226,3 +226,16 @@ def test_prepare_images_reads_uint8_and_floats_and_warns_on_0_1_floats(caplog):
   for bad in (signed * 2, np.where(signed > 0, np.nan, signed)):
     with pytest.raises(InputError, match=r'finite and in \[-1, 1\]'):
       model_lib.prepare_images(bad, 2, 1)
+
+
+def test_sampler_comparison_names_rows_by_the_checkpoints_timesteps(trained):
+  """A config file whose T differs from the checkpoint's: the full-T row is named and
+  counted with the checkpoint's T, which is what was sampled."""
+  from cimd_jax.apps import compare_samplers  # pylint: disable=g-import-not-at-top
+  workdir, tfds_dir = trained
+  trained_t = _settings(tfds_dir).diffusion.num_timesteps
+  other = helpers.settings(tfds_dir, diffusion__num_timesteps=trained_t * 10,
+                           sampling__num_samples=2, sampling__max_images=1)
+  rows, rec = compare_samplers.compare(other, str(workdir), set(), candidates=(('ddpm', ''),))
+  assert rows[0]['name'] == f'ddpm{trained_t}' and rows[0]['steps'] == trained_t
+  assert rec['recommended'] == f'ddpm{trained_t}'

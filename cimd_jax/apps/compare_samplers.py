@@ -10,6 +10,7 @@ from typing import Any
 
 from cimd_jax import settings as settings_lib
 from cimd_jax.apps import sampling
+from cimd_jax.inference import restore
 
 DEFAULT_CANDIDATES = (('ddpm', ''), ('ddpm', '100'), ('ddpm', '50'), ('ddim', 'ddim50'),
                       ('ddim', 'ddim25'))
@@ -19,7 +20,11 @@ def compare(settings: settings_lib.Settings, workdir: str, overrides: set[str],
             candidates: tuple[tuple[str, str], ...] = DEFAULT_CANDIDATES,
             tolerance: float = 0.02) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Evaluates each (sampler, steps) on sampling.split; returns (rows, recommendation).
-  Each sampler's masks go to WORKDIR/samplers/<name>/."""
+  Each sampler's masks go to WORKDIR/samplers/<name>/. Row names and step counts
+  use the checkpoint's diffusion settings (its T), not the config file's."""
+  step, stored = restore.read_config(workdir, settings.sampling.checkpoint)
+  settings = settings_lib.reconcile(settings, stored, overrides,
+                                    f'the checkpoint of step {step} in {workdir}')
   rows = []
   for kind, steps in candidates:
     name = steps if steps.startswith('ddim') else f'{kind}{steps or settings.diffusion.num_timesteps}'
