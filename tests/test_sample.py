@@ -2,6 +2,7 @@
 checkpoint checks."""
 
 import csv
+import glob
 import json
 import os
 
@@ -239,3 +240,30 @@ def test_sampler_comparison_names_rows_by_the_checkpoints_timesteps(trained):
   rows, rec = compare_samplers.compare(other, str(workdir), set(), candidates=(('ddpm', ''),))
   assert rows[0]['name'] == f'ddpm{trained_t}' and rows[0]['steps'] == trained_t
   assert rec['recommended'] == f'ddpm{trained_t}'
+
+
+def test_evaluations_with_other_samplers_get_their_own_tensorboard_curves(trained, tmp_path):
+  """Two evaluations of one checkpoint (DDPM over all T, DDIM-5) write their scalars
+  under eval_test/<sampler>_n<N>/, each equal to its own metrics.json."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir, tfds_dir = trained
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  means = {}
+  for sampler, steps in (('ddpm', ''), ('ddim', 'ddim5')):
+    s = _settings(tfds_dir, output_dir=str(tmp_path / f'eval_{sampler}'), sampler=sampler,
+                  steps=steps, num_samples=2, max_images=2)
+    _, result, _ = sampling.evaluate_cases(s, str(run), set())
+    name = steps or f'ddpm{s.diffusion.num_timesteps}'
+    means[f'eval_{s.sampling.split}/{name}_n2/ci'] = result['metrics']['ci']['mean']
+  assert len(set(means.values())) == 2, means   # the two samplers drew different masks
+  written = {}
+  for path in glob.glob(str(run / '**' / 'events.out.tfevents*'), recursive=True):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag in means:
+          written.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  assert sorted(written) == sorted(means), (written, means)
+  for tag, mean in means.items():
+    assert written[tag] == [pytest.approx(mean, abs=1e-6)], (tag, written[tag], mean)

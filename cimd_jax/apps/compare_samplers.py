@@ -27,10 +27,10 @@ def compare(settings: settings_lib.Settings, workdir: str, overrides: set[str],
                                     f'the checkpoint of step {step} in {workdir}')
   rows = []
   for kind, steps in candidates:
-    name = steps if steps.startswith('ddim') else f'{kind}{steps or settings.diffusion.num_timesteps}'
+    sampler = dataclasses.replace(settings.sampling, sampler=kind, steps=steps)
+    name = sampler.short_name(settings.diffusion.num_timesteps)
     run = dataclasses.replace(settings, sampling=dataclasses.replace(
-        settings.sampling, sampler=kind, steps=steps,
-        output_dir=os.path.join(workdir, 'samplers', name)))
+        sampler, output_dir=os.path.join(workdir, 'samplers', name)))
     t = time.perf_counter()
     _, result, _ = sampling.evaluate_cases(run, workdir, overrides)
     seconds = time.perf_counter() - t

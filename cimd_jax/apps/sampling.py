@@ -239,7 +239,9 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
     finally:
       staged.discard()
   if jax.process_index() == 0:
-    reports.write_tensorboard(workdir, f'eval_{s.sampling.split}', prepared.step, result,
+    tag = reports.eval_tag(s.sampling.split, s.sampling.short_name(s.diffusion.num_timesteps),
+                           s.sampling.num_samples)
+    reports.write_tensorboard(workdir, tag, prepared.step, result,
                               per_image, frequencies)
   logging.info('Evaluated %d images (N=%d): %s', len(cases), s.sampling.num_samples,
                ', '.join(f'{k}={v["mean"]:.4f}' for k, v in result['metrics'].items()))

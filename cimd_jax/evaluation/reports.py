@@ -131,6 +131,13 @@ def read_per_image_csv(path: str, keys: tuple[str, ...]
                                          for k in keys}
 
 
+def eval_tag(split: str, sampler_name: str, num_samples: int) -> str:
+  """The TensorBoard group of one evaluation, 'eval_<split>/<sampler>_n<N>' (e.g.
+  'eval_test/ddim25_n16'): evaluations of one checkpoint with another sampler or N
+  get curves of their own instead of overwriting each other's point at that step."""
+  return f'eval_{split}/{sampler_name}_n{num_samples}'
+
+
 def write_tensorboard(workdir: str, prefix: str, step: int, result: dict[str, Any],
                        per_image: dict[str, np.ndarray],
                        frequencies: list[np.ndarray] | None) -> None:

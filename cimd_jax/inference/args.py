@@ -90,6 +90,12 @@ class SamplingArgs:
       ca.fail('sampling.steps', self.steps, f'a spacing that fits T={len(betas)} ({e})')
       raise  # unreachable: fail raises
 
+  def short_name(self, num_timesteps: int) -> str:
+    """The sampler and its steps in one word: 'ddim25', 'ddpm50', 'ddpm1000' (all T)."""
+    if self.steps.startswith('ddim'):
+      return self.steps
+    return f'{self.sampler}{self.steps or num_timesteps}'
+
   def describe(self, num_timesteps: int) -> dict:
     """What a manifest records about the sampler."""
     return {'sampler': self.sampler, 'steps': self.steps or str(num_timesteps),
