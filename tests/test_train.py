@@ -1,6 +1,7 @@
 """Training: objective, gradients, sharding, compile-once, resume, TensorBoard."""
 
 import glob
+import logging
 import os
 
 import jax
@@ -268,3 +269,23 @@ def test_calibration_mae_as_best_metric_needs_known_frequencies(tmp_path):
                         data__validation_fraction=0.25, training__eval_every=2)
   assert validation.Validator(str(tmp_path), ok.data, ok.model, ok.diffusion, ok.sampling,
                               ok.training).best_metric == 'ci'
+
+
+def test_frozen_networks_at_a_large_kl_weight_are_warned_about(tmp_path, caplog, monkeypatch):
+  """'frozen' with a KL weight above the official 0.001 is named in a warning when
+  training starts; the official weight, or 'trained' at weight 1, are not."""
+  frozen = helpers.settings(model__ambiguity='frozen', objective__kl_weight=0.5)
+  assert 'objective.kl_weight=0.5' in objective.ambiguity_warning(frozen.objective, 'frozen')
+  official = helpers.settings(model__ambiguity='frozen', objective__kl_weight=0.001)
+  assert objective.ambiguity_warning(official.objective, 'frozen') is None
+  assert objective.ambiguity_warning(frozen.objective, 'trained') is None
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop()
+  monkeypatch.setattr(loop.build, 'build_networks', stop)
+  with caplog.at_level(logging.WARNING), pytest.raises(Stop):
+    helpers.train_loop(frozen, tmp_path / 'frozen')
+  assert "objective.kl_weight=0.5 with model.ambiguity='frozen'" in caplog.text

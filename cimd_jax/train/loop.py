@@ -78,6 +78,8 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
     config_args.fail('training.batch_size', training.batch_size,
                      f'a multiple of microbatches x devices = {training.microbatches} x '
                      f'{jax.device_count()}')
+  if (warning := objective_lib.ambiguity_warning(objective, model.ambiguity)):
+    logging.warning(warning)
   networks = build.build_networks(model, data.image_size, data.image_channels)
   tx = state_lib.make_optimizer(training, model.ambiguity)
   lr_fn = state_lib.learning_rate_schedule(training)

@@ -61,6 +61,27 @@ class ObjectiveArgs:
                     ('uniform', 'truncated_snr'))
 
 
+# The official code's KL weight (its KL divided by 1000, weight 1): the only weight at
+# which the frozen networks' KL was measured not to stop the UNet learning.
+OFFICIAL_KL_WEIGHT = 0.001
+
+
+def ambiguity_warning(objective: ObjectiveArgs, ambiguity: str) -> str | None:
+  """A one-line warning for an objective measured not to train, else None.
+
+  With both networks frozen at random weights ('frozen') their KL cannot fall (≈ 11
+  nats on the demo data, from their different output scales); above the official
+  weight its gradient through x̂₀ outweighs the mask loss, and on the demo the UNet
+  did not learn at kl_weight=1 (MSE 1.03 after 1250 steps; docs/ablations.md).
+  """
+  if ambiguity == 'frozen' and objective.kl_weight > OFFICIAL_KL_WEIGHT:
+    return (f'objective.kl_weight={objective.kl_weight:g} with model.ambiguity=\'frozen\': '
+            'the KL of two random networks cannot fall, and at this weight it kept the UNet '
+            'from learning on the demo data (docs/ablations.md); the official code uses '
+            f'{OFFICIAL_KL_WEIGHT:g} (--config.objective.kl_weight={OFFICIAL_KL_WEIGHT:g})')
+  return None
+
+
 def draw_t_and_noise(rng: jax.Array, example_ids: jax.Array, num_timesteps: int,
                      mask_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """Each example's t int32 [B] and eps [B, *mask_shape].
