@@ -204,10 +204,16 @@ def test_unet_same_outputs_and_grads():
     return _jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
   (_, out0), (dp0, dx0) = run(ref)
   (_, out1), (dp1, dx1) = run(mine)
-  assert _rel_err(out1, out0) < 1e-5
-  assert _rel_err(dx1, dx0) < 1e-5
+  # Through the whole UNet (about 20 convs, GroupNorms and the time embedding) the
+  # two float32 programs differ by rounding alone: against a float64 run of the same
+  # parameters the worst parameter gradient is 6.3e-6 off (xla) and 9.6e-6 (im2col)
+  # on a Zen4 (AVX-512) CPU, and they differed from each other by 1.14e-5 under the
+  # test flags. So 5e-5 here; each conv is held to 1e-5 above, and a wiring error
+  # (a conv's padding, stride or bias lost) is off by far more.
+  assert _rel_err(out1, out0) < 5e-5
+  assert _rel_err(dx1, dx0) < 5e-5
   errs = jax.tree.map(_rel_err, dp1, dp0)
-  assert max(jax.tree.leaves(errs)) < 1e-5, errs
+  assert max(jax.tree.leaves(errs)) < 5e-5, errs
 
 
 @pytest.mark.parametrize('impl', MATMUL_IMPLS)

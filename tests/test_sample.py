@@ -249,7 +249,8 @@ def test_evaluations_with_other_samplers_get_their_own_tensorboard_curves(traine
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   workdir, tfds_dir = trained
   run = tmp_path / 'run'
-  shutil.copytree(workdir, run)
+  # The checkpoint without the fixture's TensorBoard files (other tests' evaluations).
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('events.out.tfevents*'))
   means = {}
   for sampler, steps in (('ddpm', ''), ('ddim', 'ddim5')):
     s = _settings(tfds_dir, output_dir=str(tmp_path / f'eval_{sampler}'), sampler=sampler,
