@@ -44,14 +44,14 @@ def make_manager(workdir: str, keep: int, save_every: int = 1, best: bool = Fals
   """
   preserve = [policies.LatestN(n=keep)]
   if best:
-    preserve.append(policies.BestN(get_metric_fn=lambda m: _score(m[BEST_KEY]), n=1,
+    preserve.append(policies.BestN(get_metric_fn=_best_score, n=1,
                                    keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       create=not read_only, read_only=read_only,
       save_decision_policy=policies.FixedIntervalPolicy(save_every),
       preservation_policy=policies.AnyPreservationPolicy(preserve),
       # Orbax writes a step's metrics only when best_fn is set; BestN ranks by them.
-      best_fn=(lambda m: _score(m[BEST_KEY])) if best else None, best_mode='max',
+      best_fn=_best_score if best else None, best_mode='max',
       enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
@@ -148,13 +148,13 @@ def resolve_step(workdir: str, which: str | int = 'latest') -> int:
     manager = make_manager(workdir, keep=len(steps), read_only=True, best=True)
     try:
       scored = [s for s in steps if _has_metrics(manager, s, BEST_KEY)
-                and _score(manager.metrics(s)[BEST_KEY]) > -math.inf]
+                and _best_score(manager.metrics(s)) > -math.inf]
       if not scored:
         raise CheckpointNotFoundError(
             f'No checkpoint in {folder} has a finite validation score: train with '
             'training.eval_every > 0 (and a training.best_metric the validation data '
             'gives) to have a best checkpoint')
-      return max(scored, key=lambda s: (_score(manager.metrics(s)[BEST_KEY]), s))
+      return max(scored, key=lambda s: (_best_score(manager.metrics(s)), s))
     finally:
       manager.close()
   if not which.isdigit() or int(which) not in steps:
@@ -163,10 +163,11 @@ def resolve_step(workdir: str, which: str | int = 'latest') -> int:
   return int(which)
 
 
-def _score(value: Any) -> float:
-  """A saved validation score for ranking; NaN (a metric the data cannot give) ranks
-  below every real score instead of comparing False both ways."""
-  value = float(value)
+def _best_score(metrics: dict[str, Any]) -> float:
+  """A checkpoint's saved validation score (metrics[BEST_KEY]) for ranking; NaN (a
+  metric the data cannot give) ranks below every real score instead of comparing
+  False both ways."""
+  value = float(metrics[BEST_KEY])
   return -math.inf if math.isnan(value) else value
 
 
