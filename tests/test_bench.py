@@ -55,6 +55,26 @@ def test_train_and_sample_bench_keys(tmp_path):
   assert sample['num_samples'] == 16 and sample['steps'] == 10 and sample['ensemble_measured']
 
 
+def test_flops_count_every_device_of_a_sharded_program():
+  """A [64, 32] @ [32, 16] matmul is 2·64·32·16 FLOPs whether its rows are split over
+  one device or several (XLA's cost analysis counts one device's share)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
+  a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+  expected = 2 * 64 * 32 * 16
+  for count in sorted({1, 2, min(4, jax.device_count())}):
+    if count > jax.device_count():
+      continue
+    mesh = jax.make_mesh((count,), ('data',), devices=jax.devices()[:count])
+    rows, whole = NamedSharding(mesh, PartitionSpec('data')), NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(jnp.matmul, in_shardings=(rows, whole), out_shardings=rows)
+    compiled, _, flops = common.compile_timed(fn, a, b)
+    assert common.num_program_devices(compiled) == count
+    assert flops == pytest.approx(expected, rel=0.01), count
+
+
 def test_top_ops_sums_xla_events_and_drops_framework_events():
   from cimd_jax.bench import profile  # pylint: disable=g-import-not-at-top
   events = [

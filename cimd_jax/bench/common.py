@@ -40,11 +40,24 @@ def compile_timed(jitted: Any, *args) -> tuple[Any, float, float]:
 
 
 def flops_of(compiled: Any) -> float:
-  """FLOPs of one call of a compiled executable per XLA's cost analysis (0 if unknown)."""
+  """FLOPs of one call of a compiled executable, all its devices together, per XLA's
+  cost analysis (0 if unknown). XLA counts one device's partition of an SPMD program,
+  so that figure is multiplied by the number of devices the program runs on."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0))
+  return float((cost or {}).get('flops', 0.0)) * num_program_devices(compiled)
+
+
+def num_program_devices(compiled: Any) -> int:
+  """How many devices a compiled executable's inputs and outputs are placed on (1 where
+  it does not say)."""
+  devices = set()
+  for shardings in (getattr(compiled, 'input_shardings', ()),
+                    getattr(compiled, 'output_shardings', ())):
+    for sharding in jax.tree.leaves(shardings):
+      devices |= set(getattr(sharding, 'device_set', ()))
+  return max(len(devices), 1)
 
 
 def planned_memory_mib(compiled: Any) -> dict[str, float]:
