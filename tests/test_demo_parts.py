@@ -39,6 +39,49 @@ def test_structure_frequencies_and_summary_by_hand():
   assert plot.shape[-1] == 3 and plot.dtype == np.uint8
 
 
+def test_summary_statistics_by_hand():
+  """Three ambiguous structures (errors 0.1, 0.2, 0.6) and three decoys drawn at 0,
+  0.25 and 0.5: MAE 0.3, its standard error std/sqrt(3), the worst decoy 0.5 and the
+  mean decoy 0.25; with two ambiguous structures the standard error still exists."""
+  truth = np.array([0.25, 0.5, 0.75, 0.0, 0.0, 0.0])
+  sampled = np.array([0.35, 0.3, 0.15, 0.0, 0.25, 0.5])
+  summary = calibration.summarize(truth, sampled)
+  errors = np.array([0.1, 0.2, 0.6])
+  assert summary['mae_ambiguous'] == pytest.approx(0.3)
+  assert summary['mae_ambiguous_sem'] == pytest.approx(np.std(errors) / np.sqrt(3))
+  assert summary['mae_ambiguous_sem'] == pytest.approx(np.sqrt(0.14 / 3) / np.sqrt(3))
+  assert summary['max_freq_never_drawn'] == pytest.approx(0.5)
+  assert summary['mean_freq_never_drawn'] == pytest.approx(0.25)
+  assert summary['num_ambiguous'] == 3 and summary['num_never_drawn'] == 3
+  two = calibration.summarize(np.array([0.5, 0.5]), np.array([0.4, 0.8]))
+  assert two['mae_ambiguous_sem'] == pytest.approx(0.1 / np.sqrt(2))   # std of {0.1, 0.3}
+  one = calibration.summarize(np.array([0.5]), np.array([0.4]))
+  assert one['mae_ambiguous'] == pytest.approx(0.1) and np.isnan(one['mae_ambiguous_sem'])
+
+
+def test_over_cases_counts_a_structure_at_half_its_pixels():
+  """Through over_cases (what validation, `sample` and the demo call): a 4-pixel
+  structure covered by 2 pixels in one sample and 1 pixel in two others is included
+  once in 4 samples (frequency 0.25, not 0.75 as a looser cover would make it), and the
+  cases' structures are pooled in order."""
+  structures = np.zeros((1, 4, 4), np.uint8)
+  structures[0, 0, :4] = 1
+  masks = np.zeros((4, 4, 4), bool)
+  masks[0, 0, :2] = True
+  masks[1, 0, :1] = True
+  masks[2, 0, 3:] = True
+  other_structures = np.zeros((1, 4, 4), np.uint8)
+  other_structures[0, 2, 2] = 1
+  other_masks = np.zeros((4, 4, 4), bool)
+  other_masks[:, 2, 2] = True
+  summary, truth, sampled = calibration.over_cases(
+      [(structures, np.array([0.5]), masks), (other_structures, np.array([0.0]), other_masks)])
+  np.testing.assert_allclose(truth, [0.5, 0.0])
+  np.testing.assert_allclose(sampled, [0.25, 1.0])
+  assert summary['mae_ambiguous'] == pytest.approx(0.25)
+  assert summary['max_freq_never_drawn'] == pytest.approx(1.0)
+
+
 def test_deterministic_baseline_is_the_repeated_majority():
   masks = np.zeros((4, 2, 2), bool)
   masks[:2, 0, 0] = True                     # 2 of 4 -> majority (>= 0.5)

@@ -253,6 +253,24 @@ def test_hand_worked_one_expert_one_empty_sample():
     assert ref[k] == pytest.approx(v, abs=1e-12), k
 
 
+def test_hand_worked_all_three_terms_zero_gives_ci_zero():
+  # Y1 = left half, Y2 = right half of a 4x4 image (complementary, covering it all);
+  # both samples empty. S_c = 0/16 = 0; D_max = Dice(∅, Y_i) = 0; V^Y: the difference
+  # map is ±1 everywhere: 16/16 - 0² = 1 (max = min); V^P = 0; D_a = 1 - (1 + 1)/2 = 0.
+  # CI's denominator S_c + D_max + D_a is 0: CI is 0 by definition, never 1 or NaN.
+  # GED: cross d = 1; within P: d(∅,∅) = 0; within Y: (0 + 1 + 1 + 0)/4 = 1/2:
+  # GED = 2 - 0 - 1/2 = 3/2.
+  left = np.zeros((4, 4), bool)
+  left[:, :2] = True
+  gts, preds = np.stack([left, ~left]), np.zeros((2, 4, 4), bool)
+  got = metrics.evaluate(gts[None], preds[None])
+  want = {'sc': 0, 'dmax': 0, 'da': 0, 'ci': 0, 'ged': 3 / 2, 'hm_iou': 0, 'dice_mean': 0}
+  ref = reference.evaluate_one(gts, preds)
+  for k, v in want.items():
+    assert got[k][0] == pytest.approx(v, abs=ATOL), k
+    assert ref[k] == pytest.approx(v, abs=1e-12), k
+
+
 def test_hand_worked_lcm_repetition():
   # Y1 = row 0, Y2 = row 1; P1 = P2 = row 0, P3 = row 1 (4 px each, no partial overlaps).
   row = lambda r: _grid(*[(r, c) for c in range(4)])

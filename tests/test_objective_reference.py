@@ -16,6 +16,7 @@ computed here in float64 numpy from the formulas:
   * loss = mse + lambda vlb + beta kl.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -141,12 +142,12 @@ def make_batch(seed=0):
   return {'image': jnp.asarray(images, jnp.float32), 'mask': jnp.asarray(masks, jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnames=('args',), compiler_options=_FAST)
-def terms_and_grads(params, batch, rng, args=ARGS):
+@functools.partial(jax.jit, static_argnames=('args', 'diffusion'), compiler_options=_FAST)
+def terms_and_grads(params, batch, rng, args=ARGS, diffusion=DIFFUSION):
   """loss_terms' per-example terms, and the gradient of each term's batch sum w.r.t.
   all params ({'mse', 'vlb', 'kl', 'loss'} -> param tree)."""
   def f(p):
-    return objective.loss_terms(p, NETWORKS, TABLES, batch, rng, args, DIFFUSION)
+    return objective.loss_terms(p, NETWORKS, TABLES, batch, rng, args, diffusion)
   terms, vjp = jax.vjp(f, params)
   grads = {}
   for name in terms:
@@ -328,6 +329,53 @@ def test_kl_term_is_kl_q_given_expert_to_p_given_prediction(case):
   assert np.all(gap > 0.5 * np.maximum(ref['kl'], ref['kl_reverse'])), (ref['kl'][:4],
                                                                       ref['kl_reverse'][:4])
   np.testing.assert_allclose(got, ref['kl'], rtol=1e-4, atol=1e-5)
+
+
+def test_kl_inputs_noisy_mask_and_predicted_eps(case):
+  """With amn_input='noisy' and acn_input='eps' (the official code's inputs) the KL
+  term is KL(Q || P), Q = AMN(image ⊕ x_t), P = ACN(image ⊕ eps_hat): the ACN sees
+  the network's eps prediction (not the true noise), so the KL reaches eps_hat."""
+  args = objective.ObjectiveArgs(vlb_weight=LAMBDA, kl_weight=BETA, amn_input='noisy',
+                                 acn_input='eps')
+  terms, grads = terms_and_grads(case['params'], case['batch'], case['rng'], args=args)
+  ref, params = case['ref'], case['params']
+  image = np.asarray(case['batch']['image'], np.float64)
+  e = np.asarray(params['unet']['eps'], np.float64)
+  q = latent_gaussian(params['amn'], jnp.asarray(np.concatenate([image, ref['x_t']], -1),
+                                                 jnp.float32))
+  p = latent_gaussian(params['acn'], jnp.asarray(np.concatenate([image, e], -1), jnp.float32))
+  q, p = [np.asarray(a, np.float64) for a in q], [np.asarray(a, np.float64) for a in p]
+  np.testing.assert_allclose(terms['kl'], kl_numpy(q[0], q[1], p[0], p[1]), rtol=1e-4,
+                             atol=1e-5)
+  assert not np.allclose(terms['kl'], ref['kl'], rtol=1e-2)   # the inputs matter
+  assert np.all(np.abs(np.asarray(grads['kl']['unet']['eps'])).sum(axis=(1, 2, 3)) > 0)
+
+
+def test_x0_prediction_regresses_the_unclipped_output(case):
+  """With prediction='x0' the probe's first channel is x0_hat itself, drawn here with
+  most values outside [-1, 1]: mse = mean((x_0 - x0_hat)²) and its gradient
+  -2 (x_0 - x0_hat) / pixels at every pixel (a clip before the loss would zero it
+  outside [-1, 1]); the ACN sees clip(x0_hat, -1, 1)."""
+  params = dict(case['params'])
+  rng = np.random.default_rng(7)
+  x0_hat = rng.normal(0.0, 2.0, (B, SIZE, SIZE, 1))
+  params['unet'] = dict(params['unet'], eps=jnp.asarray(x0_hat, jnp.float32))
+  x0_hat = np.asarray(params['unet']['eps'], np.float64)
+  assert np.mean(np.abs(x0_hat) > 1) > 0.5
+  diffusion = dataclasses.replace(DIFFUSION, prediction='x0')
+  terms, grads = terms_and_grads(params, case['batch'], case['rng'], diffusion=diffusion)
+  x0 = np.asarray(case['batch']['mask'], np.float64)
+  np.testing.assert_allclose(terms['mse'], np.mean((x0 - x0_hat) ** 2, axis=(1, 2, 3)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(grads['mse']['unet']['eps'], -2.0 * (x0 - x0_hat) / PIXELS,
+                             rtol=1e-4, atol=1e-8)
+  image = np.asarray(case['batch']['image'], np.float64)
+  q = latent_gaussian(params['amn'], jnp.asarray(np.concatenate([image, x0], -1), jnp.float32))
+  p = latent_gaussian(params['acn'], jnp.asarray(
+      np.concatenate([image, np.clip(x0_hat, -1.0, 1.0)], -1), jnp.float32))
+  q, p = [np.asarray(a, np.float64) for a in q], [np.asarray(a, np.float64) for a in p]
+  np.testing.assert_allclose(terms['kl'], kl_numpy(q[0], q[1], p[0], p[1]), rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_loss_is_the_weighted_sum(case):
