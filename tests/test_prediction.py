@@ -72,3 +72,9 @@ def test_sampling_denoiser_clips_the_learned_variance_channel():
   out = gaussian.p_mean_variance(tables, clipped, x[..., 1:], t, 'learned_range')
   np.testing.assert_allclose(out['log_variance'][:, 0, 0, 0],
                              np.log(np.asarray(tables.betas)[[3, 40]]), rtol=1e-5)
+  # The clip is to [-1, 1]: a v below -1 becomes -1 (variance beta_tilde), one inside
+  # the range is left as it is.
+  clip = jax.jit(ensemble.denoiser(s.model, 16, s.diffusion, clip_variance=True))
+  for v, want in ((-5.0, -1.0), (-0.4, -0.4), (0.7, 0.7)):
+    params['out_conv']['bias'] = jnp.array([0.3, v])
+    np.testing.assert_allclose(clip(params, x, t)[..., 1], want, rtol=1e-6)

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cimd_jax import checkpoint
@@ -177,6 +178,32 @@ def test_learning_rate_schedule():
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   const = state_lib.learning_rate_schedule(TrainingArgs(learning_rate=0.3, warmup_steps=0))
   np.testing.assert_allclose([const(0), const(1000)], [0.3, 0.3])
+
+
+@pytest.mark.parametrize('weight_decay', [0.0, 0.1])
+def test_first_adamw_step_by_hand_and_frozen_networks_untouched(weight_decay):
+  """One update with gradient 0.5 everywhere and params 2: Adam's first step moves a
+  trained parameter by -lr (m̂/√v̂ = 1, up to eps) and AdamW's decay by -lr·wd·p
+  (none at weight_decay 0); FROZEN networks (both in 'frozen', the AMN only in
+  'target') do not move at all, decay included."""
+  from cimd_jax.train.args import TrainingArgs  # pylint: disable=g-import-not-at-top
+  lr = 0.01
+  args = TrainingArgs(learning_rate=lr, warmup_steps=0, weight_decay=weight_decay,
+                      grad_clip_norm=0.0)
+  params = {name: {'w': jnp.full((3,), 2.0)} for name in ('unet', 'amn', 'acn')}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  moved = 2.0 - lr - lr * weight_decay * 2.0
+  expected = {'trained': {'unet': moved, 'amn': moved, 'acn': moved},
+              'frozen': {'unet': moved, 'amn': 2.0, 'acn': 2.0},
+              'target': {'unet': moved, 'amn': 2.0, 'acn': moved},
+              'off': {'unet': moved, 'amn': moved, 'acn': moved}}
+  for mode, want in expected.items():
+    tx = state_lib.make_optimizer(args, mode)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for name, value in want.items():
+      np.testing.assert_allclose(new[name]['w'], value, rtol=0, atol=1e-6,
+                                 err_msg=f'{mode} {name}')
 
 
 def test_resume_equals_straight_run(tmp_path, tfds_dir):

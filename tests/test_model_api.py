@@ -1,0 +1,52 @@
+"""cimd_jax.load(...).sample(): the seed and eta arguments reach the sampler, and a
+partly non-finite ensemble is refused, not scored."""
+
+import jax
+import numpy as np
+import pytest
+
+from cimd_jax import settings as settings_lib
+from cimd_jax.inference import ensemble
+from cimd_jax.inference import model as model_lib
+from cimd_jax.models import build
+from cimd_jax.utils.errors import DivergenceError
+from tests import helpers
+
+
+@pytest.fixture(scope='module')
+def model():
+  """A tiny random model (configs/test.py, 16 px) whose UNet output is not constant:
+  every parameter is perturbed, so that masks depend on the image and the noise."""
+  s = helpers.settings(diffusion__prediction='x0')
+  networks = build.build_networks(s.model, 16, 1)
+  params = jax.jit(lambda r: build.init_params(networks, r, 16, 1))(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  unet = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
+      np.float32), params['unet'])
+  return model_lib.Model(unet, 0, settings_lib.to_dict(s))
+
+
+def _images():
+  return np.random.default_rng(1).integers(0, 256, (2, 16, 16), dtype=np.uint8)
+
+
+def test_seed_and_eta_change_the_masks_and_a_seed_repeats(model):
+  draw = lambda **kw: model.sample(_images(), num_samples=4, sampler='ddim', steps='ddim5',
+                                   **kw).masks
+  first = draw(seed=0, eta=1.0)
+  assert first.shape == (2, 4, 16, 16)
+  np.testing.assert_array_equal(draw(seed=0, eta=1.0), first)
+  assert not np.array_equal(draw(seed=1, eta=1.0), first), 'seed ignored'
+  assert not np.array_equal(draw(seed=0, eta=0.0), first), 'eta ignored'
+
+
+def test_a_partly_non_finite_ensemble_is_refused(model, monkeypatch):
+  real = ensemble.samplers.sample_ensemble
+
+  def one_nan(*args, **kwargs):
+    x0 = np.array(real(*args, **kwargs))
+    x0.flat[7] = np.nan
+    return x0
+  monkeypatch.setattr(ensemble.samplers, 'sample_ensemble', one_nan)
+  with pytest.raises(DivergenceError):
+    model.sample(_images(), num_samples=2, sampler='ddim', steps='ddim5')
