@@ -417,6 +417,8 @@ def test_hdf5_small_values_and_uint8_images(tmp_path, monkeypatch):
                   image_size=16, num_annotators=2, image_channels=3)
   assert pipeline.prepare(args, str(tmp_path)) == {'train': 10, 'test': 3}
   train = _eval_all(args, tmp_path, 'train')
+  # Rows read in blocks of 4 keep their row numbers: ids run on across blocks.
+  assert list(train['case_id']) == [f'train_{i:05d}' for i in range(10)]
   images, labels = groups['train']
   want = np.rint((images + 0.5) * 255).astype(np.uint8)
   np.testing.assert_allclose(train['image'], np.repeat(want[..., None], 3, -1) / 127.5 - 1,
@@ -612,6 +614,25 @@ def test_nifti_empty_slices_are_seeded_and_axis_named():
   np.testing.assert_array_equal(nifti.fit(plane, 24), _fit_direct(plane))
   np.testing.assert_array_equal(nifti.unfit(nifti.fit(plane, 24), (20, 28))[:, 2:26],
                                 plane[:, 2:26])
+
+
+def test_nifti_odd_margins_and_rounded_empty_count():
+  """fit crops from (n - size) // 2 and pads (size - n) // 2 before; unfit puts each
+  pixel back where it came from, also for odd margins; kept_slices keeps
+  round(fraction · n_empty) unmarked slices (0.3 · 9 = 2.7 -> 3)."""
+  plane = np.arange(1, 9 * 3 + 1).reshape(9, 3)
+  fitted = nifti.fit(plane, 6)              # rows 9 -> 6 from row 1; columns 3 -> 6
+  want = np.zeros((6, 6), plane.dtype)
+  want[:, 1:4] = plane[1:7]
+  np.testing.assert_array_equal(fitted, want)
+  back = nifti.unfit(fitted, (9, 3))
+  want_back = np.zeros_like(plane)
+  want_back[1:7] = plane[1:7]
+  np.testing.assert_array_equal(back, want_back)
+  marked = np.zeros(13, bool)
+  marked[[2, 5, 8, 11]] = True
+  kept = nifti.kept_slices(marked, 0.3, seed=0, case='c')
+  assert len(kept) == 4 + 3 and set(np.flatnonzero(marked)) <= set(kept)
 
 
 def test_nifti_other_axis_and_case_level_split(tmp_path):
@@ -896,6 +917,49 @@ def test_folder_wide_image_with_nan_is_named(tmp_path):
 
 
 # --------------------------------------------------------------------------- DataArgs
+
+
+def test_cache_key_changes_with_every_parameter_that_changes_the_records(tmp_path):
+  """Records are cached under a hash of builder_params: a data key that changes what
+  is written (the split seed and fractions of the pickle reader, the HDF5 intensity
+  range, the image size, ...) must change it, or a stale cache is silently reused."""
+  pickle_path = tmp_path / 'a.pickle'
+  pickle_path.write_bytes(b'')
+  hdf5_path = tmp_path / 'a.h5'
+  hdf5_path.write_bytes(b'')
+  base = DataArgs(name='lidc_pickle', source_dir=str(tmp_path), image_size=16,
+                  num_annotators=2, validation_fraction=0.2, test_fraction=0.2)
+  changes = {'seed': 3, 'validation_fraction': 0.1, 'test_fraction': 0.3, 'image_size': 32,
+             'num_annotators': 4, 'resize': True, 'image_channels': 3}
+  key = lidc_pickle.builder_params(base, [str(pickle_path)])
+  for field, value in changes.items():
+    other = lidc_pickle.builder_params(dataclasses.replace(base, **{field: value}),
+                                       [str(pickle_path)])
+    assert other != key, field
+  base = dataclasses.replace(base, name='lidc_hdf5', source_dir=str(hdf5_path))
+  key = lidc_hdf5.builder_params(base, str(hdf5_path))
+  for field, value in {'hdf5_image_range': (0.0, 1.0), 'image_size': 32, 'resize': True,
+                       'num_annotators': 4, 'image_channels': 3}.items():
+    other = lidc_hdf5.builder_params(dataclasses.replace(base, **{field: value}),
+                                     str(hdf5_path))
+    assert other != key, field
+
+
+def test_intensity_rule_falls_back_to_min_max_and_masks_threshold_above_127(monkeypatch):
+  """A sparse scan (a few bright voxels in zeros) has equal 0.5 and 99.5 percentiles:
+  the rule then maps [min, max] to [0, 255] instead of making the image black. A
+  resized mask keeps a pixel whose grey level is above 127 (128) and drops one at 127."""
+  from cimd_jax.data import intensity  # pylint: disable=g-import-not-at-top
+  sparse = np.zeros((40, 40), np.float32)
+  sparse[3, 4], sparse[10, 10] = 500.0, 250.0
+  assert intensity.bounds(sparse, 0.5, 99.5) == (0.0, 500.0)
+  out = intensity.to_uint8(sparse, 0.5, 99.5)
+  assert out[3, 4] == 255 and out[10, 10] == 128 and out[0, 0] == 0
+  np.testing.assert_array_equal(intensity.to_uint8(np.full((4, 4), 7.0), 0.5, 99.5), 0)
+  for level, want in ((127, 0), (128, 1)):
+    monkeypatch.setattr(intensity, 'resize_u8',
+                        lambda grey, size, v=level: np.full((size, size), v, np.uint8))
+    np.testing.assert_array_equal(intensity.resize_mask(np.ones((4, 4), np.uint8), 2), want)
 
 
 def test_config_keys_equal_data_args_fields():
