@@ -454,6 +454,12 @@ def test_eval_process_slices_and_padding(syn):
   assert nbatches == {2}            # every process the same number of batches
   _, head = _eval_all(args, workdir, 'test', batch_size=4, max_examples=5)
   assert list(head['case_id']) == list(full['case_id'][:5])
+  # Several processes share the first max_examples between them (not 5 each).
+  shared = []
+  for index in range(2):
+    shared += list(_eval_all(args, workdir, 'test', batch_size=2, process_index=index,
+                             process_count=2, max_examples=5)[1]['case_id'])
+  assert sorted(shared) == list(full['case_id'][:5])
 
 
 def test_make_global_batch_shards_numeric_fields(syn):

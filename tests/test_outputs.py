@@ -129,3 +129,20 @@ def test_best_checkpoint_ranks_real_scores_and_never_a_nan_one(tmp_path):
   save_all(tmp_path / 'b', [(1, float('nan')), (2, float('nan'))])
   with pytest.raises(CheckpointNotFoundError, match='finite validation score'):
     checkpoint.resolve_step(str(tmp_path / 'b'), 'best')
+
+
+def test_case_frequency_and_std_pngs_by_hand(tmp_path):
+  """mean.png is the sampled frequency ×255 and std.png the per-pixel standard
+  deviation of the binary samples ×510 (0.5, its largest value, is white): four
+  samples of a 2×2 image with a pixel in 2, 1, 4 and 0 of them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  masks = np.zeros((4, 2, 2), bool)
+  masks[:2, 0, 0] = True
+  masks[:1, 0, 1] = True
+  masks[:, 1, 0] = True
+  reports.write_case(str(tmp_path / 'c'), np.zeros((2, 2, 1), np.float32), masks)
+  mean = np.asarray(Image.open(tmp_path / 'c' / 'mean.png'))
+  std = np.asarray(Image.open(tmp_path / 'c' / 'std.png'))
+  np.testing.assert_array_equal(mean, [[128, 64], [255, 0]])      # 127.5, 63.75 rounded
+  np.testing.assert_array_equal(std, [[255, round(np.sqrt(0.25 * 0.75) * 510)], [0, 0]])

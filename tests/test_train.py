@@ -206,6 +206,31 @@ def test_first_adamw_step_by_hand_and_frozen_networks_untouched(weight_decay):
                                  err_msg=f'{mode} {name}')
 
 
+def test_quartile_sums_and_logged_learning_rate_by_hand():
+  """quartile_sums bins t by t·4 // T (T = 1000: 0 and 249 in q0, 250 in q1, 999 in
+  q3); the learning rate logged with an update is the one that update used: in a
+  10-step warm-up to 1.0 the first update (step 0) uses and logs 0.0, the next 0.1."""
+  from cimd_jax.train.args import TrainingArgs  # pylint: disable=g-import-not-at-top
+  sums = step_lib.quartile_sums(jnp.array([1.0, 2.0, 4.0, 8.0]), jnp.array([0, 249, 250, 999]),
+                                1000)
+  assert {k: float(v) for k, v in sums.items()} == {
+      'mse_q0_sum': 3.0, 'q0_count': 2.0, 'mse_q1_sum': 4.0, 'q1_count': 1.0,
+      'mse_q2_sum': 0.0, 'q2_count': 0.0, 'mse_q3_sum': 8.0, 'q3_count': 1.0}
+  args = TrainingArgs(learning_rate=1.0, warmup_steps=10, grad_clip_norm=0.0)
+  tx, lr_fn = state_lib.make_optimizer(args), state_lib.learning_rate_schedule(args)
+  params = {'unet': {'w': jnp.full((2,), 3.0)}}
+  state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+  grads = {'unet': {'w': jnp.ones((2,))}}
+  for lr in (0.0, 0.1):
+    before = np.asarray(state.params['unet']['w'])
+    state, metrics = step_lib.apply_gradients(state, grads, {'loss': jnp.float32(1.0)}, {},
+                                              tx=tx, lr_fn=lr_fn, ema_rate=0.5)
+    assert float(metrics['learning_rate']) == pytest.approx(lr)
+    # Adam's step is lr · m̂/√v̂ = lr for a constant gradient (float32 bias correction:
+    # 1 − 0.999² loses ~1e-5 of its precision).
+    np.testing.assert_allclose(before - np.asarray(state.params['unet']['w']), lr, atol=1e-5)
+
+
 def test_resume_equals_straight_run(tmp_path, tfds_dir):
   straight = _settings(tfds_dir, num_steps=6, checkpoint_every=100)
   final_straight = helpers.train_loop(straight, tmp_path / 'straight')
