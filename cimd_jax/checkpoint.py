@@ -147,14 +147,15 @@ def resolve_step(workdir: str, which: str | int = 'latest') -> int:
   if which == 'best':
     manager = make_manager(workdir, keep=len(steps), read_only=True, best=True)
     try:
-      scored = [s for s in steps if _has_metrics(manager, s, BEST_KEY)
-                and _best_score(manager.metrics(s)) > -math.inf]
+      scores = {s: _best_score(manager.metrics(s)) for s in steps
+                if _has_metrics(manager, s, BEST_KEY)}
+      scored = {s: v for s, v in scores.items() if v > -math.inf}
       if not scored:
         raise CheckpointNotFoundError(
             f'No checkpoint in {folder} has a finite validation score: train with '
             'training.eval_every > 0 (and a training.best_metric the validation data '
             'gives) to have a best checkpoint')
-      return max(scored, key=lambda s: (_best_score(manager.metrics(s)), s))
+      return max(scored, key=lambda s: (scored[s], s))
     finally:
       manager.close()
   if not which.isdigit() or int(which) not in steps:

@@ -183,6 +183,15 @@ def kl_numpy(mq, lsq, mp, lsp):
                 axis=-1)
 
 
+def kl_of_networks(params, image, amn_mask, acn_mask):
+  """KL(AMN(image ⊕ amn_mask) || ACN(image ⊕ acn_mask)) per example, float64 [n]."""
+  def gaussian(net, mask):
+    return [np.asarray(a, np.float64) for a in latent_gaussian(
+        params[net], jnp.asarray(np.concatenate([image, mask], -1), jnp.float32))]
+  q, p = gaussian('amn', amn_mask), gaussian('acn', acn_mask)
+  return kl_numpy(q[0], q[1], p[0], p[1])
+
+
 def reference_terms(params, batch, rng):
   """Every term of every example, float64 numpy, from the formulas of the docstring."""
   t, eps = (np.asarray(a) for a in reference_draws(rng, jnp.arange(B)))
@@ -341,12 +350,8 @@ def test_kl_inputs_noisy_mask_and_predicted_eps(case):
   ref, params = case['ref'], case['params']
   image = np.asarray(case['batch']['image'], np.float64)
   e = np.asarray(params['unet']['eps'], np.float64)
-  q = latent_gaussian(params['amn'], jnp.asarray(np.concatenate([image, ref['x_t']], -1),
-                                                 jnp.float32))
-  p = latent_gaussian(params['acn'], jnp.asarray(np.concatenate([image, e], -1), jnp.float32))
-  q, p = [np.asarray(a, np.float64) for a in q], [np.asarray(a, np.float64) for a in p]
-  np.testing.assert_allclose(terms['kl'], kl_numpy(q[0], q[1], p[0], p[1]), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(terms['kl'], kl_of_networks(params, image, ref['x_t'], e),
+                             rtol=1e-4, atol=1e-5)
   assert not np.allclose(terms['kl'], ref['kl'], rtol=1e-2)   # the inputs matter
   assert np.all(np.abs(np.asarray(grads['kl']['unet']['eps'])).sum(axis=(1, 2, 3)) > 0)
 
@@ -370,12 +375,9 @@ def test_x0_prediction_regresses_the_unclipped_output(case):
   np.testing.assert_allclose(grads['mse']['unet']['eps'], -2.0 * (x0 - x0_hat) / PIXELS,
                              rtol=1e-4, atol=1e-8)
   image = np.asarray(case['batch']['image'], np.float64)
-  q = latent_gaussian(params['amn'], jnp.asarray(np.concatenate([image, x0], -1), jnp.float32))
-  p = latent_gaussian(params['acn'], jnp.asarray(
-      np.concatenate([image, np.clip(x0_hat, -1.0, 1.0)], -1), jnp.float32))
-  q, p = [np.asarray(a, np.float64) for a in q], [np.asarray(a, np.float64) for a in p]
-  np.testing.assert_allclose(terms['kl'], kl_numpy(q[0], q[1], p[0], p[1]), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(terms['kl'], kl_of_networks(params, image, x0,
+                                                         np.clip(x0_hat, -1.0, 1.0)),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_loss_is_the_weighted_sum(case):
