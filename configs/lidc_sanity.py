@@ -7,7 +7,9 @@ annotators, channel_mult (1, 1, 2, 3, 4), attention at 16 px, learned-range vari
 linear schedule, T = 1000, AMN/ACN with latent 6. Made small: 16 base channels (the
 paper: 128), 1 res block per level (the paper: 2), AMN/ACN filters (16, 32, 64).
 Trained like the demo (configs/synthetic.py): x0 prediction (with eps the demo drew
-27-31% all-foreground masks; issue 14), lr 3e-4 with warm-up, EMA 0.995, DDIM-25.
+27-31% all-foreground masks; issue 14), lr 3e-4 with warm-up, EMA 0.995, DDIM-25;
+6000 steps with cosine decay (README: fitted better than 3000 constant-lr steps, GED
+0.071 vs 0.097 on the training images, about 84 minutes on a 2-core CPU).
 
 This is a check that the model reproduces real expert disagreement on images it has
 seen, not a benchmark: 19 cases are far too few to generalise.
@@ -26,11 +28,12 @@ def get_config():
   config.model.latent_convs_per_block = 2
   config.diffusion.prediction = 'x0'
   config.training.batch_size = 8
-  config.training.num_steps = 1500
+  config.training.num_steps = 6000
   config.training.learning_rate = 3e-4
+  config.training.lr_schedule = 'cosine'
   config.training.warmup_steps = 100
   config.training.ema_rate = 0.995
-  config.training.checkpoint_every = 500
+  config.training.checkpoint_every = 1000
   config.training.log_every = 50
   config.training.eval_every = 0
   config.sampling.num_samples = 16
