@@ -147,8 +147,8 @@ def resolve_step(workdir: str, which: str | int = 'latest') -> int:
   if which == 'best':
     manager = make_manager(workdir, keep=len(steps), read_only=True, best=True)
     try:
-      scores = {s: _best_score(manager.metrics(s)) for s in steps
-                if _has_metrics(manager, s, BEST_KEY)}
+      saved = {s: _saved_metrics(manager, s) for s in steps}
+      scores = {s: _best_score(m) for s, m in saved.items() if m and BEST_KEY in m}
       scored = {s: v for s, v in scores.items() if v > -math.inf}
       if not scored:
         raise CheckpointNotFoundError(
@@ -172,12 +172,12 @@ def _best_score(metrics: dict[str, Any]) -> float:
   return -math.inf if math.isnan(value) else value
 
 
-def _has_metrics(manager: ocp.CheckpointManager, step: int, key: str) -> bool:
+def _saved_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The metrics saved with checkpoint `step`, or None where none can be read."""
   try:
-    metrics = manager.metrics(step)
+    return manager.metrics(step)
   except Exception:  # pylint: disable=broad-except
-    return False
-  return bool(metrics) and key in metrics
+    return None
 
 
 def describe_dir(path: str) -> str:
