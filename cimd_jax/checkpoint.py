@@ -65,6 +65,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
   """Starts writing `state` (jax.Arrays), the data iterator's state and `config` at
   `step`. `metrics`, when given, must hold BEST_KEY (higher is better): it ranks the
   step for the best-checkpoint policy."""
+  if metrics is not None and BEST_KEY not in metrics:
+    # Checked before writing: Orbax would write the step, then fail ranking it.
+    raise ValueError(f'checkpoint.save: metrics for step {step} lack {BEST_KEY!r} '
+                     f'(got keys {sorted(metrics)}); pass None or include it')
   items = {'state': ocp.args.StandardSave(state),
            'config': ocp.args.JsonSave(config)}
   if data_iterator is not None:

@@ -113,8 +113,10 @@ def test_best_checkpoint_ranks_real_scores_and_never_a_nan_one(tmp_path):
   def save_all(workdir, scores, keep=10):
     manager = checkpoint.make_manager(str(workdir), keep=keep, best=True)
     for step, score in scores:
+      metrics = score if score is None or isinstance(score, dict) else {
+          checkpoint.BEST_KEY: score}
       checkpoint.save(manager, step, {'w': jnp.full((2,), step, jnp.float32)}, None, {},
-                      {checkpoint.BEST_KEY: score})
+                      metrics)
     manager.wait_until_finished()
     manager.close()
 
@@ -126,6 +128,13 @@ def test_best_checkpoint_ranks_real_scores_and_never_a_nan_one(tmp_path):
   assert checkpoint.resolve_step(str(tmp_path / 'c'), 'best') == 1
   save_all(tmp_path / 'd', [(1, 0.9), (2, float('nan')), (3, 0.5), (4, 0.6)], keep=2)
   assert checkpoint.complete_steps(str(tmp_path / 'd')) == [1, 3, 4]
+  # Steps saved without validation (between evaluations) have no metrics and are not
+  # ranked; a metrics dict without the score is refused before anything is written.
+  save_all(tmp_path / 'e', [(1, None), (2, 0.4), (3, None)])
+  assert checkpoint.resolve_step(str(tmp_path / 'e'), 'best') == 2
+  with pytest.raises(ValueError, match="lack 'score'"):
+    save_all(tmp_path / 'f', [(1, {'loss': 0.3})])
+  assert checkpoint.complete_steps(str(tmp_path / 'f')) == []
   save_all(tmp_path / 'b', [(1, float('nan')), (2, float('nan'))])
   with pytest.raises(CheckpointNotFoundError, match='finite validation score'):
     checkpoint.resolve_step(str(tmp_path / 'b'), 'best')
