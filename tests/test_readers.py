@@ -28,6 +28,7 @@ from cimd_jax.data import lidc_pickle
 from cimd_jax.data import nifti
 from cimd_jax.data import pipeline
 from cimd_jax.data import splits
+from cimd_jax.data.records import DataError
 
 HAVE_LIDC = os.path.isdir(os.path.join(LIDC_SAMPLE, 'training'))
 
@@ -696,6 +697,55 @@ def test_nifti_write_back_restores_rater_volumes(nifti_set, tmp_path):
   assert arr[3].sum() == SHAPE[1] * SHAPE[2] and arr.sum() == arr[3].sum()
 
 
+def test_nifti_rater_mask_rule_by_hand():
+  """0/1 and [0, 1] masks: foreground above 0.5; a mask of only 0 and 255:
+  foreground at 255; bool volumes as they are."""
+  probs = np.array([[[0.0, 0.4]], [[0.5, 0.6]], [[1.0, 0.0]]], np.float32)
+  np.testing.assert_array_equal(nifti.rater_mask(probs, 'w'),
+                                [[[0, 0]], [[0, 1]], [[1, 0]]])
+  np.testing.assert_array_equal(
+      nifti.rater_mask(np.array([[[0, 255, 255, 0]]], np.uint8), 'w'), [[[0, 1, 1, 0]]])
+  np.testing.assert_array_equal(
+      nifti.rater_mask(np.array([[[0, 255, 0]]], np.int16), 'w'), [[[0, 1, 0]]])
+  np.testing.assert_array_equal(
+      nifti.rater_mask(np.array([[[True, False]]]), 'w'), [[[1, 0]]])
+  with pytest.raises(DataError, match=r'^w: rater values range over \[0, 254\]'):
+    nifti.rater_mask(np.array([[[0, 254]]], np.uint8), 'w')
+
+
+def test_nifti_case_with_no_kept_slice_is_named_in_a_warning(tmp_path, caplog):
+  """A lesion-free scan with data.nifti_empty_fraction=0 contributes no slice: the
+  split is still built, but the case is named in a warning, not dropped silently."""
+  root, _ = _make_nifti_source(tmp_path / 'src', train=('p1', 'p2'), test=('p3', 'p5'))
+  for rater in ('mask1', 'mask2'):
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), AFFINE),
+             os.path.join(root, 'testing', 'p5', f'p5_{rater}.nii.gz'))
+  args = DataArgs(name='nifti', source_dir=root, tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=24, image_channels=2, num_annotators=2, **NIFTI_PATTERNS)
+  with caplog.at_level('WARNING'):
+    nifti.validate(nifti.make_builder(args, str(tmp_path / 'tfds')))
+  warned = [r.getMessage() for r in caplog.records if 'contribute no slice' in r.getMessage()]
+  assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+  assert "split 'test': 1 of 2 case(s)" in warned[0]
+  assert os.path.join(root, 'testing', 'p5') in warned[0]
+  assert 'data.nifti_empty_fraction > 0' in warned[0]
+
+
+def test_nifti_write_back_drops_the_scans_display_window(nifti_set, tmp_path):
+  """A reference with cal_max 1500 (a CT/MR window) must not make 0/1 outputs show as
+  black: the written volumes carry no display window."""
+  ref_img = nib.load(nifti.reference_file(nifti_set[0], 'p4'))
+  header = ref_img.header.copy()
+  header['cal_min'], header['cal_max'] = -100.0, 1500.0
+  ref = str(tmp_path / 'windowed.nii.gz')
+  nib.save(nib.Nifti1Image(np.asarray(ref_img.dataobj), ref_img.affine, header), ref)
+  assert nib.load(ref).header['cal_max'] == 1500.0
+  out = nib.load(nifti.write_volume(str(tmp_path / 'm.nii.gz'),
+                                    {3: np.ones((24, 24), np.uint8)}, ref, axis=2))
+  assert (float(out.header['cal_min']), float(out.header['cal_max'])) == (0.0, 0.0)
+  np.testing.assert_allclose(out.affine, AFFINE, atol=1e-5)
+
+
 def _nifti_bad_source(root):
   return _make_nifti_source(root, train=('p1', 'p2'), test=('p3',))[0]
 
@@ -742,6 +792,15 @@ _OUTSIDE = np.zeros(SHAPE, np.uint8)
 _OUTSIDE[5, 0, 4] = 1          # column 0 is cropped away (24 of 28 columns kept)
 _SHIFTED = AFFINE.copy()
 _SHIFTED[0, 3] += 0.5
+_MULTILABEL = np.zeros(SHAPE, np.uint8)
+_MULTILABEL[6:9, 6:9, 4] = 1
+_MULTILABEL[6:9, 6:9, 5] = 2    # another structure's label: not this rater's lesion
+_EDGES_255 = np.zeros(SHAPE, np.uint8)
+_EDGES_255[6:9, 6:9, 4] = 255
+_EDGES_255[5, 6:9, 4] = 3      # a 0/255 mask resampled with linear interpolation
+_NEGATIVE = np.zeros(SHAPE, np.float32)
+_NEGATIVE[6:9, 6:9, 4] = 1.0
+_NEGATIVE[0, 0, 0] = -1.0       # an 'ignore' label
 NIFTI_BAD = {
     # name: (break, expected message parts (case folder relative to ROOT first))
     'pattern_matches_none': (_rm('training/p2/p2_mask2.nii.gz'),
@@ -770,6 +829,14 @@ NIFTI_BAD = {
                             ['testing/p3', 'p3_flair.nii.gz', 'voxel axes are LAS',
                              "2 of 3 cases' are RAS", 'training/p1/p1_flair.nii.gz',
                              'one orientation']),
+    'rater_multilabel': (_save_vol('training/p1/p1_mask2.nii.gz', _MULTILABEL),
+                         ['training/p1', 'p1_mask2.nii.gz', 'rater values range over [0, 2]',
+                          '(0, 1, 2)', 'expected a binary mask']),
+    'rater_interpolated_255': (_save_vol('testing/p3/p3_mask1.nii.gz', _EDGES_255),
+                               ['testing/p3', 'p3_mask1.nii.gz', '[0, 255]', '(0, 3, 255)',
+                                'nearest neighbour']),
+    'rater_negative': (_save_vol('training/p2/p2_mask1.nii.gz', _NEGATIVE),
+                       ['training/p2', 'p2_mask1.nii.gz', '[-1, 1]', 'expected a binary mask']),
     'unreadable': (_write('training/p1/p1_mask1.nii.gz', b'not nifti'),
                    ['training/p1', 'p1_mask1.nii.gz', 'cannot read NIfTI']),
 }
@@ -890,6 +957,9 @@ def test_input_folder_ids_are_distinct_and_case_folders_stack_channels(tmp_path)
   Image.fromarray(second).save(inputs / 'y.png')
   cases = image_folder.list_input_images(str(inputs))
   assert [c.case_id for c in cases] == ['x', 'x.jpg', 'x.png', 'y']
+  # input_dir = one case folder: its image files are inputs, its label files are not.
+  inside = image_folder.list_input_images(str(inputs / 'x'))
+  assert [c.case_id for c in inside] == ['image_t2', 'image_t10']
   args = DataArgs(name='synthetic', image_size=16, image_channels=2)
   stacked = image_folder.read_input_image(cases[0], args)
   np.testing.assert_allclose(stacked.image, np.stack([first, second], -1) / 127.5 - 1,

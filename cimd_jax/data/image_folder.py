@@ -2,7 +2,8 @@
 
 Accepted layouts: image files directly in DIR (.png, .jpg, .jpeg, .bmp, .tif, .tiff),
 and/or case folders DIR/<case>/ holding `image_*` files as in the CIMD layout (several
-stack as channels; label files, if any, are ignored). Every input is read by the
+stack as channels). Label files (`label<i>_*`, the experts' masks) are never inputs,
+in a case folder or directly in DIR (DIR itself a case folder). Every input is read by the
 training reader (`folder.read_image` with the run's DataArgs): the same channel
 rules, the same percentile rule for images wider than 8 bits, the same size checks.
 
@@ -14,13 +15,16 @@ keep their full names (`x.png`, `x.jpg`), so every input has its own id.
 import collections
 import dataclasses
 import os
+import re
 
+from absl import logging
 import numpy as np
 
 from cimd_jax.data import folder
 from cimd_jax.data.args import DataArgs
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+_LABEL_TYPE = re.compile(r'label\d*')   # folder.file_type of an expert mask file
 
 
 class BadInputImage(ValueError):
@@ -52,13 +56,16 @@ def list_input_images(input_dir: str) -> list[InputCase]:
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f'sampling.input_dir {input_dir!r} does not exist or is not '
                             'a folder')
-  files, folders = [], []
+  files, folders, labels = [], [], []
   for name in sorted(os.listdir(input_dir), key=folder.natural_key):
     path = os.path.join(input_dir, name)
     if name.startswith('.'):
       continue
     if os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS):
-      files.append(name)
+      if _LABEL_TYPE.fullmatch(folder.file_type(name)):
+        labels.append(name)   # DIR is a case folder: its expert masks are no inputs
+      else:
+        files.append(name)
     elif os.path.isdir(path):
       images = [f for f in sorted(os.listdir(path), key=folder.natural_key)
                 if folder.file_type(f) == 'image' and f.lower().endswith(IMAGE_EXTENSIONS)
@@ -69,6 +76,9 @@ def list_input_images(input_dir: str) -> list[InputCase]:
                               [c.case_id for c in folders])
   cases = [InputCase(os.path.splitext(n)[0] if stems[os.path.splitext(n)[0]] == 1 else n,
                      input_dir, (n,)) for n in files] + folders
+  if labels:
+    logging.info('sampling.input_dir %s: %d label file(s) skipped (%s)', input_dir,
+                 len(labels), ', '.join(labels[:3]) + (' ...' if len(labels) > 3 else ''))
   if not cases:
     raise FileNotFoundError(
         f'sampling.input_dir {input_dir!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}) '

@@ -19,7 +19,8 @@ Per case, all volumes must be 3-D (a trailing axis of length 1 is dropped) with 
 shape of the first sequence and its affine within `AFFINE_ATOL`. Each sequence is
 normalised over its whole volume by `intensity.to_uint8` (clip to the
 [data.percentile_low, data.percentile_high] percentiles, map to 0..255), so int16,
-uint16 and float volumes all work; a rater voxel > 0.5 is foreground. The volume
+uint16 and float volumes all work; a rater volume must be a binary mask (values in
+[0, 1], foreground > 0.5, or only 0 and 255; anything else is an error). The volume
 is cut into 2-D slices along `data.nifti_axis` (slice = np.take(volume, k, axis),
 the two other axes in their order, no reorientation). Kept: every slice any rater
 marked, plus round(data.nifti_empty_fraction * n_empty) of the unmarked ones,
@@ -49,6 +50,7 @@ import os
 import zlib
 from typing import Any, Iterator
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
@@ -179,6 +181,26 @@ def _data(img, folder: str, name: str) -> np.ndarray:
   return data
 
 
+def rater_mask(data: np.ndarray, where: str) -> np.ndarray:
+  """A rater volume as bool (same shape): 0/1 or [0, 1] values are foreground above
+  0.5; a volume holding only 0 and 255 is foreground at 255. Anything else (labels
+  2, 3, ..., interpolated 0..255 edges, negative values, an intensity scan matched by
+  mistake) raises DataError naming `where`, instead of counting every voxel > 0.5."""
+  if not data.size:
+    return np.zeros(data.shape, bool)
+  low, high = data.min(), data.max()
+  if low >= 0 and high <= 1:
+    return data > 0.5
+  if low >= 0 and high == 255 and np.all((data == 0) | (data == 255)):
+    return data == 255
+  distinct = np.unique(data.ravel()[:1_000_000])
+  shown = ', '.join(f'{v:g}' for v in distinct[:6]) + (', ...' if len(distinct) > 6 else '')
+  raise DataError(f'{where}: rater values range over [{float(low):g}, {float(high):g}] '
+                  f'({shown}); expected a binary mask: values in [0, 1] (> 0.5 is '
+                  'foreground) or only 0 and 255 (resample masks with nearest neighbour; '
+                  'map multi-label maps to 0/1 first)')
+
+
 def fit(plane: np.ndarray, size: int) -> np.ndarray:
   """[size, size, ...] from [h, w, ...]: each of the first two axes centre cropped
   (start (h - size) // 2) or centre padded with 0 (before (size - h) // 2)."""
@@ -260,7 +282,8 @@ def read_case(case: CaseFiles, args: DataArgs) -> list[dict[str, Any]]:
   for name, img in vols[:len(case.images)]:
     images.append(intensity.to_uint8(_data(img, folder, name), args.percentile_low,
                                      args.percentile_high))
-  masks = [(_data(img, folder, name) > 0.5) for name, img in vols[len(case.images):]]
+  masks = [rater_mask(_data(img, folder, name), _where(folder, name))
+           for name, img in vols[len(case.images):]]
   # Move the slicing axis first: volume [n, h, w].
   images = np.stack([np.moveaxis(v, axis, 0) for v in images], -1)   # [n, h, w, C]
   masks = np.stack([np.moveaxis(m, axis, 0) for m in masks], 1)      # [n, A, h, w]
@@ -391,7 +414,16 @@ def validate(builder: CimdNifti) -> None:
   args, splits = builder.builder_config.payload
   check_orientations(splits)
   for split, cases in splits.items():
-    total = sum(len(read_case(case, args)) for case in cases)
+    counts = {case.folder: len(read_case(case, args)) for case in cases}
+    total = sum(counts.values())
+    dropped = [f for f, n in counts.items() if not n]
+    if dropped and total:
+      logging.warning(
+          'split %r: %d of %d case(s) contribute no slice (no rater marked any, and '
+          'data.nifti_empty_fraction=%g keeps none of their empty slices), e.g. %s; '
+          'their lesion-free scans are left out of this split (set '
+          'data.nifti_empty_fraction > 0 to keep empty slices)', split, len(dropped),
+          len(cases), args.nifti_empty_fraction, ', '.join(dropped[:3]))
     if not total:
       raise DataError(f'split {split!r} ({len(cases)} case(s), first '
                       f'{cases[0].folder}): no slice is marked by any rater and '
@@ -469,6 +501,8 @@ def write_volume(path: str, slices: dict[int, np.ndarray], reference_path: str,
   out = nib.Nifti1Image(volume, ref.affine, header)
   out.set_data_dtype(dtype)
   out.header.set_slope_inter(1.0, 0.0)
+  # The scan's display window (e.g. cal_max 1500) would show 0/1 masks as black.
+  out.header['cal_min'], out.header['cal_max'] = 0.0, 0.0
   _save_atomic(out, path)
   return path
 
