@@ -117,7 +117,7 @@ def test_paired_differences_against_off_image_by_image(tmp_path):
            'out_dir': str(tmp_path / 'off')}]
   lines = ablations.paired_against_off(rows)
   d = ged - ged_off
-  sem = np.std(d) / np.sqrt(10)    # the project's SE: population std / sqrt(n)
+  sem = np.std(d, ddof=1) / np.sqrt(10)    # standard error: sample std / sqrt(n)
   assert lines == [f'- trained − off (x0, ddim25), 10 images: ΔGED = {d.mean():+.3f} ± '
                    f'{sem:.3f}, ΔCI = +0.020 ± 0.000']
 

@@ -41,20 +41,22 @@ def test_structure_frequencies_and_summary_by_hand():
 
 def test_summary_statistics_by_hand():
   """Three ambiguous structures (errors 0.1, 0.2, 0.6) and three decoys drawn at 0,
-  0.25 and 0.5: MAE 0.3, its standard error std/sqrt(3), the worst decoy 0.5 and the
+  0.25 and 0.5: MAE 0.3, its standard error s/sqrt(3) with the sample std s (ddof 1),
+  the worst decoy 0.5 and the
   mean decoy 0.25; with two ambiguous structures the standard error still exists."""
   truth = np.array([0.25, 0.5, 0.75, 0.0, 0.0, 0.0])
   sampled = np.array([0.35, 0.3, 0.15, 0.0, 0.25, 0.5])
   summary = calibration.summarize(truth, sampled)
   errors = np.array([0.1, 0.2, 0.6])
   assert summary['mae_ambiguous'] == pytest.approx(0.3)
-  assert summary['mae_ambiguous_sem'] == pytest.approx(np.std(errors) / np.sqrt(3))
-  assert summary['mae_ambiguous_sem'] == pytest.approx(np.sqrt(0.14 / 3) / np.sqrt(3))
+  assert summary['mae_ambiguous_sem'] == pytest.approx(np.std(errors, ddof=1) / np.sqrt(3))
+  assert summary['mae_ambiguous_sem'] == pytest.approx(np.sqrt(0.14 / 2) / np.sqrt(3))
   assert summary['max_freq_never_drawn'] == pytest.approx(0.5)
   assert summary['mean_freq_never_drawn'] == pytest.approx(0.25)
   assert summary['num_ambiguous'] == 3 and summary['num_never_drawn'] == 3
   two = calibration.summarize(np.array([0.5, 0.5]), np.array([0.4, 0.8]))
-  assert two['mae_ambiguous_sem'] == pytest.approx(0.1 / np.sqrt(2))   # std of {0.1, 0.3}
+  # {0.1, 0.3}: sample variance 0.02, standard error sqrt(0.02 / 2) = 0.1
+  assert two['mae_ambiguous_sem'] == pytest.approx(0.1)
   one = calibration.summarize(np.array([0.5]), np.array([0.4]))
   assert one['mae_ambiguous'] == pytest.approx(0.1) and np.isnan(one['mae_ambiguous_sem'])
 

@@ -140,6 +140,28 @@ def test_best_checkpoint_ranks_real_scores_and_never_a_nan_one(tmp_path):
     checkpoint.resolve_step(str(tmp_path / 'b'), 'best')
 
 
+def test_standard_error_uses_the_sample_std_and_needs_two_images():
+  """[0.2, 0.8]: sample std 0.6/sqrt(2), standard error 0.3 (the population std would
+  give 0.212); one image: no standard error (NaN), not 0."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  two = reports.summarize({'ci': np.array([0.2, 0.8])})['ci']
+  assert two['mean'] == pytest.approx(0.5) and two['sem'] == pytest.approx(0.3)
+  assert two['count'] == 2
+  one = reports.summarize({'ci': np.array([0.7])})['ci']
+  assert one['mean'] == pytest.approx(0.7) and np.isnan(one['sem'])
+
+
+def test_more_than_100_samples_read_back_in_written_order(tmp_path):
+  """sample_100.png sorts before sample_11.png by name; read back by number."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  masks = np.zeros((101, 4, 4), bool)
+  for i in range(101):
+    masks[i].flat[i % 16] = True
+    masks[i, 3, 3] = i == 100          # only the last mask has the corner
+  reports.write_case(str(tmp_path / 'c'), np.zeros((4, 4, 1), np.float32), masks)
+  np.testing.assert_array_equal(reports.read_case_masks(str(tmp_path / 'c')), masks)
+
+
 def test_case_frequency_and_std_pngs_by_hand(tmp_path):
   """mean.png is the sampled frequency ×255 and std.png the per-pixel standard
   deviation of the binary samples ×510 (0.5, its largest value, is white): four

@@ -93,7 +93,7 @@ def test_reproduce_scores_the_first_n_of_the_written_masks(trained):
       assert got[key]['count'] == len(values)
       np.testing.assert_allclose(got[key]['mean'], values.mean(), atol=1e-6,
                                  err_msg=f'N={n} {key}')
-      np.testing.assert_allclose(got[key]['sem'], values.std() / np.sqrt(len(values)),
+      np.testing.assert_allclose(got[key]['sem'], values.std(ddof=1) / np.sqrt(len(values)),
                                  atol=1e-6, err_msg=f'N={n} {key} standard error')
 
 

@@ -54,8 +54,8 @@ def over_cases(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def summarize(truth: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
-  """MAE on ambiguous structures (0 < p) with its standard error (std of the absolute
-  errors / sqrt(count)), worst and mean sampled frequency on structures no expert
+  """MAE on ambiguous structures (0 < p) with its standard error (sample std, ddof = 1,
+  of the absolute errors / sqrt(count); NaN below two structures), worst and mean sampled frequency on structures no expert
   draws (p = 0), and counts."""
   truth, sampled = np.asarray(truth), np.asarray(sampled)
   amb = truth > 0
@@ -63,8 +63,8 @@ def summarize(truth: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
   errors = np.abs(truth[amb] - sampled[amb])
   return {
       'mae_ambiguous': float(np.mean(errors)) if amb.any() else float('nan'),
-      'mae_ambiguous_sem': (float(np.std(errors) / np.sqrt(len(errors))) if len(errors) > 1
-                            else float('nan')),
+      'mae_ambiguous_sem': (float(np.std(errors, ddof=1) / np.sqrt(len(errors)))
+                            if len(errors) > 1 else float('nan')),
       'num_ambiguous': int(amb.sum()),
       'max_freq_never_drawn': float(sampled[decoy].max()) if decoy.any() else float('nan'),
       'mean_freq_never_drawn': float(sampled[decoy].mean()) if decoy.any() else float('nan'),

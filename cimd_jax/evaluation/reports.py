@@ -75,9 +75,11 @@ def write_case(case_dir: str, image: np.ndarray, masks: np.ndarray,
 
 
 def read_case_masks(case_dir: str) -> np.ndarray:
-  """Every sample PNG of a case folder as bool [N, H, W] (for re-checking metrics)."""
-  names = sorted(n for n in os.listdir(case_dir)
-                 if n.startswith('sample_') and n.endswith('.png'))
+  """Every sample PNG of a case folder as bool [N, H, W], in the order written
+  (sample_00 ... sample_99, sample_100, ...: by number, not by name)."""
+  names = sorted((n for n in os.listdir(case_dir)
+                  if n.startswith('sample_') and n.endswith('.png') and n[7:-4].isdigit()),
+                 key=lambda n: int(n[7:-4]))
   return np.stack([np.asarray(Image.open(os.path.join(case_dir, n))) > 127 for n in names])
 
 
@@ -102,12 +104,14 @@ def write_report(workdir: str, name: str, table: str, content: dict[str, Any]) -
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  """{metric: {'mean', 'std', 'sem', 'count'}}: metrics.summarize plus the standard
-  error of the mean, std / sqrt(count)."""
+  """{metric: {'mean', 'std', 'sem', 'count'}}: metrics.summarize (std: population,
+  ddof = 0) plus the standard error of the mean, the sample std (ddof = 1) over
+  sqrt(count) = std / sqrt(count - 1); NaN for fewer than two images."""
   out = {}
   for key, stats in metrics.summarize(per_image).items():
     stats = dict(stats)
-    stats['sem'] = (stats['std'] / np.sqrt(stats['count'])) if stats['count'] else float('nan')
+    n = stats['count']
+    stats['sem'] = stats['std'] / np.sqrt(n - 1) if n > 1 else float('nan')
     out[key] = {k: (int(v) if k == 'count' else float(v)) for k, v in stats.items()}
   return out
 
