@@ -242,6 +242,35 @@ def test_sampler_comparison_names_rows_by_the_checkpoints_timesteps(trained):
   assert rec['recommended'] == f'ddpm{trained_t}'
 
 
+def test_every_distinct_sampling_run_has_its_own_name():
+  """Runs that draw differently (other timesteps, eta, variance handling, weights) get
+  different names, so their TensorBoard points and output folders never mix; the
+  defaults keep their short names. DDIM over '50' (section spacing: 0, 20, 41, ...)
+  and over 'ddim50' (stride 20: 0, 20, 40, ...) are different timesteps."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from cimd_jax.diffusion import schedule  # pylint: disable=g-import-not-at-top
+  from cimd_jax.inference.args import SamplingArgs  # pylint: disable=g-import-not-at-top
+  base = SamplingArgs()
+  variants = {
+      'ddim25': base,
+      'ddim50': dataclasses.replace(base, steps='ddim50'),
+      'ddim-sections50': dataclasses.replace(base, steps='50'),
+      'ddim1000': dataclasses.replace(base, steps=''),
+      'ddim25_eta0.5': dataclasses.replace(base, ddim_eta=0.5),
+      'ddim25_raw': dataclasses.replace(base, use_ema=False),
+      'ddpm50': dataclasses.replace(base, sampler='ddpm', steps='50'),
+      'ddpm1000': dataclasses.replace(base, sampler='ddpm', steps=''),
+      'ddpm50_noclip_x0_uncertainty': dataclasses.replace(
+          base, sampler='ddpm', steps='50', clip_variance=False,
+          variance_transfer='x0_uncertainty'),
+  }
+  got = {k: v.short_name(1000) for k, v in variants.items()}
+  assert got == {k: k for k in variants}
+  betas = schedule.get_beta_schedule('linear', 1000)
+  assert not np.array_equal(variants['ddim50'].tables(betas).timestep_map,
+                            variants['ddim-sections50'].tables(betas).timestep_map)
+
+
 def test_evaluations_with_other_samplers_get_their_own_tensorboard_curves(trained, tmp_path):
   """Two evaluations of one checkpoint (DDPM over all T, DDIM-5) write their scalars
   under eval_test/<sampler>_n<N>/, each equal to its own metrics.json."""

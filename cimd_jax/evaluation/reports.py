@@ -137,8 +137,10 @@ def read_per_image_csv(path: str, keys: tuple[str, ...]
 
 def eval_tag(split: str, sampler_name: str, num_samples: int) -> str:
   """The TensorBoard group of one evaluation, 'eval_<split>/<sampler>_n<N>' (e.g.
-  'eval_test/ddim25_n16'): evaluations of one checkpoint with another sampler or N
-  get curves of their own instead of overwriting each other's point at that step."""
+  'eval_test/ddim25_n16'; `sampler_name` from SamplingArgs.short_name, which differs
+  for other timesteps, eta, variance handling or weights): evaluations of one
+  checkpoint with other sampling settings or N get curves of their own instead of
+  overwriting each other's point at that step."""
   return f'eval_{split}/{sampler_name}_n{num_samples}'
 
 

@@ -91,10 +91,27 @@ class SamplingArgs:
       raise  # unreachable: fail raises
 
   def short_name(self, num_timesteps: int) -> str:
-    """The sampler and its steps in one word: 'ddim25', 'ddpm50', 'ddpm1000' (all T)."""
-    if self.steps.startswith('ddim'):
-      return self.steps
-    return f'{self.sampler}{self.steps or num_timesteps}'
+    """One word per distinct sampling run (TensorBoard group, output folder): the
+    sampler and its steps, 'ddim25' (DDIM, the DDIM paper's stride spacing 'ddim25'),
+    'ddpm50' (DDPM, section spacing '50'), 'ddpm1000' (all T); DDIM over section
+    spacings 'ddim-sections50' (other timesteps than 'ddim50'). Settings away from
+    their defaults are appended: '_eta0.5' (DDIM), '_noclip' and '_<variance
+    transfer>' (DDPM, which uses the learned variance), '_raw' (not the EMA weights)."""
+    if self.sampler == 'ddim' and self.steps.startswith('ddim'):
+      name = self.steps
+    elif self.sampler == 'ddim' and self.steps:
+      name = f'ddim-sections{self.steps}'
+    else:
+      name = f'{self.sampler}{self.steps or num_timesteps}'
+    if self.sampler == 'ddim' and self.ddim_eta:
+      name += f'_eta{self.ddim_eta:g}'
+    if self.sampler == 'ddpm' and not self.clip_variance:
+      name += '_noclip'
+    if self.sampler == 'ddpm' and self.variance_transfer != 'interpolate':
+      name += f'_{self.variance_transfer}'
+    if not self.use_ema:
+      name += '_raw'
+    return name
 
   def describe(self, num_timesteps: int) -> dict:
     """What a manifest records about the sampler."""
