@@ -1,5 +1,6 @@
-"""cimd_jax.load(...).sample(): the seed and eta arguments reach the sampler, and a
-partly non-finite ensemble is refused, not scored."""
+"""cimd_jax.load(...).sample(): the seed and eta arguments reach the sampler, the
+run's own sampler keeps its steps, and a partly non-finite ensemble is refused, not
+scored."""
 
 import jax
 import numpy as np
@@ -38,6 +39,20 @@ def test_seed_and_eta_change_the_masks_and_a_seed_repeats(model):
   np.testing.assert_array_equal(draw(seed=0, eta=1.0), first)
   assert not np.array_equal(draw(seed=1, eta=1.0), first), 'seed ignored'
   assert not np.array_equal(draw(seed=0, eta=0.0), first), 'eta ignored'
+
+
+def test_naming_the_runs_own_sampler_keeps_its_steps(model):
+  """The run samples with DDPM over '10' of T = 50 steps: sample(sampler='ddpm') with
+  steps omitted is that run (the same masks as sample()), not DDPM over all 50;
+  naming the steps explicitly still changes them."""
+  assert (model.sampling.sampler, model.sampling.steps) == ('ddpm', '10')
+  default = model.sample(_images(), num_samples=2).masks
+  np.testing.assert_array_equal(model.sample(_images(), num_samples=2, sampler='ddpm').masks,
+                                default)
+  np.testing.assert_array_equal(
+      model.sample(_images(), num_samples=2, sampler='ddpm', steps='10').masks, default)
+  assert not np.array_equal(
+      model.sample(_images(), num_samples=2, sampler='ddpm', steps='').masks, default)
 
 
 def test_a_partly_non_finite_ensemble_is_refused(model, monkeypatch):

@@ -100,15 +100,21 @@ class Model:
     Args:
       images: uint8 [B, H, W(, C)] or float in [-1, 1] (see `prepare_images`).
       sampler, steps, eta: 'ddpm' | 'ddim', the step spacing ('' all T, '50',
-        'ddim25') and DDIM's eta; default: the run's sampling settings.
+        'ddim25') and DDIM's eta; default: the run's sampling settings. `steps`
+        omitted keeps the run's spacing when `sampler` is the run's (or omitted);
+        with the other sampler it is '' (all T), since the run's spacing may not
+        apply to it (a 'ddim25' spacing for 'ddpm').
       seed: image b's masks depend only on (seed, b).
       max_batch: rows (images x samples) per compiled call.
     """
     x = prepare_images(images, self.image_size, self.image_channels)
+    own_sampler = sampler is None or sampler == self.sampling.sampler
+    if steps is None:
+      steps = self.sampling.steps if own_sampler else ''
     sampling = dataclasses.replace(
         self.sampling, num_samples=int(num_samples),
         sampler=self.sampling.sampler if sampler is None else sampler,
-        steps=self.sampling.steps if steps is None and sampler is None else (steps or ''),
+        steps=str(steps),
         ddim_eta=self.sampling.ddim_eta if eta is None else float(eta),
         max_batch=self.sampling.max_batch if max_batch is None else int(max_batch))
     key = (sampling.sampler, sampling.steps, sampling.ddim_eta, sampling.num_samples,
