@@ -304,6 +304,34 @@ def test_validation_scores_are_stored_and_best_is_kept(tmp_path, tfds_dir):
                        recursive=True)) >= 1
 
 
+def test_resuming_keeps_the_metric_the_checkpoints_are_ranked_by(tmp_path):
+  """Checkpoints scored by -GED cannot be ranked with later ones scored by +CI (the
+  better one would be deleted): resuming follows the stored best_metric, refuses an
+  explicit other one, and is free to change it while no step holds a score."""
+  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+
+  def save(workdir, metrics):
+    stored = settings_lib.to_dict(helpers.settings(training__best_metric='ged'))
+    manager = checkpoint.make_manager(str(workdir), keep=3, best=True)
+    checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, stored, metrics)
+    manager.wait_until_finished()
+    manager.close()
+
+  save(tmp_path / 'scored', {checkpoint.BEST_KEY: -1.17})
+  resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
+                                  str(tmp_path / 'scored'), set())
+  assert resumed.training.best_metric == 'ged'
+  with pytest.raises(ConfigError, match=r"^--config.training.best_metric='ci' differs .* "
+                                        r"ranked by 'ged'"):
+    modes.resume_settings(helpers.settings(training__best_metric='ci'),
+                          str(tmp_path / 'scored'), {'training.best_metric'})
+  save(tmp_path / 'unscored', None)
+  resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
+                                  str(tmp_path / 'unscored'), {'training.best_metric'})
+  assert resumed.training.best_metric == 'ci'
+
+
 def test_calibration_mae_as_best_metric_needs_known_frequencies(tmp_path):
   """On data without known structure frequencies (a CIMD folder) val/calibration_mae
   would be NaN at every validation: refused when validation starts, naming the key."""

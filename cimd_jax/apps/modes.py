@@ -14,17 +14,19 @@
 differences from a checkpoint's stored configuration are errors (settings.reconcile).
 """
 
+import dataclasses
 import os
 from typing import Any, Callable
 
 from absl import logging
 import jax
 
+from cimd_jax import checkpoint
 from cimd_jax import settings as settings_lib
 from cimd_jax.inference import restore
 from cimd_jax.train import loop
 from cimd_jax.utils import locking
-from cimd_jax.utils.errors import CheckpointNotFoundError
+from cimd_jax.utils.errors import CheckpointNotFoundError, ConfigError
 
 MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
          'reproduce', 'sanity')
@@ -74,13 +76,31 @@ def workdir_lock(workdir: str) -> locking.FolderLock:
 def resume_settings(settings: settings_lib.Settings, workdir: str, overrides: set[str]
                     ) -> settings_lib.Settings:
   """The settings to train with: those given, with the model and diffusion of the
-  latest checkpoint when resuming (settings.reconcile)."""
+  latest checkpoint when resuming (settings.reconcile), and its training.best_metric
+  while any checkpoint holds a validation score (scores of two metrics cannot be
+  ranked together: the best checkpoint would be deleted or never replaced)."""
   try:
     step, stored = restore.read_config(workdir, 'latest')
   except CheckpointNotFoundError:
     return settings
-  return settings_lib.reconcile(settings, stored, overrides,
-                                f'the checkpoint of step {step} in {workdir}')
+  where = f'the checkpoint of step {step} in {workdir}'
+  settings = settings_lib.reconcile(settings, stored, overrides, where)
+  ranked_by = ((stored or {}).get('training') or {}).get('best_metric')
+  if ranked_by is None or ranked_by == settings.training.best_metric:
+    return settings
+  try:
+    checkpoint.resolve_step(workdir, 'best')
+  except CheckpointNotFoundError:
+    return settings       # no step holds a score yet: nothing to rank against
+  if 'training.best_metric' in overrides:
+    raise ConfigError(
+        f'--config.training.best_metric={settings.training.best_metric!r} differs from '
+        f'{where}, whose checkpoints are ranked by {ranked_by!r}: scores of two metrics '
+        f'cannot be ranked together; keep {ranked_by!r}, or train in a new workdir')
+  logging.info("Using training.best_metric=%r from %s (the config file says %r)",
+               ranked_by, where, settings.training.best_metric)
+  return dataclasses.replace(settings, training=dataclasses.replace(
+      settings.training, best_metric=ranked_by))
 
 
 def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
