@@ -119,6 +119,35 @@ def test_input_dir_and_bad_images(trained, tmp_path):
     sampling.run_sample(s, str(workdir), set())
 
 
+def test_an_input_folder_named_like_a_split_does_not_replace_its_samples(trained, tmp_path):
+  """`--mode=sample` writes WORKDIR/samples/<split> or WORKDIR/samples/<input folder
+  name>: an input folder called 'test' must not silently replace the test split's
+  samples (nor another 'test' folder's); sampling the same source again may."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, tfds_dir = trained
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('samples', 'eval'))
+  split_out = sampling.run_sample(_settings(tfds_dir, num_samples=2, max_images=2),
+                                  str(run), set())
+  assert split_out == str(run / 'samples' / 'test')
+  before = sorted(os.listdir(split_out))
+  inputs = tmp_path / 'scans' / 'test'
+  inputs.mkdir(parents=True)
+  size = helpers.config().data.image_size
+  Image.fromarray(np.full((size, size), 90, np.uint8)).save(inputs / 'scan1.png')
+  folder_run = _settings(tfds_dir, input_dir=str(inputs), num_samples=2)
+  with pytest.raises(ConfigError, match=r'^sampling.output_dir \(default\) .*samples/test '
+                                        r'holds the output of split:test, and this run '
+                                        r'reads .*scans/test'):
+    sampling.run_sample(folder_run, str(run), set())
+  assert sorted(os.listdir(split_out)) == before
+  again = sampling.run_sample(_settings(tfds_dir, num_samples=2, max_images=2), str(run), set())
+  assert sorted(os.listdir(again)) == before
+  other = sampling.run_sample(_settings(tfds_dir, input_dir=str(inputs), num_samples=2,
+                                        output_dir=str(tmp_path / 'mine')), str(run), set())
+  assert 'scan1' in os.listdir(other)
+
+
 def test_no_checkpoint_names_the_folder(tmp_path):
   s = _settings(tmp_path / 'tfds')
   (tmp_path / 'empty' / 'something').mkdir(parents=True)

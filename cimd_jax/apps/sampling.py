@@ -152,7 +152,7 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   prepared = prepare(settings, workdir, overrides)
   s = prepared.settings
   if s.sampling.input_dir:
-    source = s.sampling.input_dir
+    source = os.path.abspath(os.path.expanduser(s.sampling.input_dir))
     cases, skipped = folder_cases(s)
     name = os.path.basename(os.path.normpath(s.sampling.input_dir))
   else:
@@ -163,6 +163,8 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
     raise InputError(f'nothing to sample: {source} has no usable images')
   out_dir = os.path.abspath(s.sampling.output_dir or os.path.join(workdir, 'samples', name))
   atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,))
+  if not s.sampling.output_dir:   # the default folder: only an earlier run's of `source`
+    atomic.check_same_source(out_dir, 'manifest.json', source, 'sampling.output_dir')
   folders = reports.case_folder_names([c.case_id for c in cases])
   if jax.process_index() != 0:
     return out_dir

@@ -14,6 +14,7 @@ staging folder.
 """
 
 import glob
+import json
 import os
 import shutil
 
@@ -60,6 +61,21 @@ def check_replaceable(final_dir: str, marker: str, key: str, protected: tuple[st
   if reason:
     raise ConfigError(f'{key} {os.path.abspath(final_dir)}: {reason}; expected a new '
                       f'folder or an earlier output (one with {marker})')
+
+
+def check_same_source(final_dir: str, marker: str, source: str, key: str) -> None:
+  """Raises ConfigError when `final_dir`'s `marker` JSON names another 'source' than
+  `source`: a default output folder (e.g. WORKDIR/samples/<name>) must not replace
+  the output of another input that happens to share its name."""
+  try:
+    with open(os.path.join(final_dir, marker)) as f:
+      old = json.load(f).get('source')
+  except (OSError, ValueError, AttributeError):
+    return
+  if old is not None and old != source:
+    raise ConfigError(f'{key} (default) {os.path.abspath(final_dir)} holds the output of '
+                      f'{old}, and this run reads {source}; set --config.{key} to another '
+                      'folder')
 
 
 class StagedFolder:
