@@ -52,3 +52,28 @@ def test_another_source_keeps_the_given_keys(tmp_path, monkeypatch):
   relative = _settings(name='lidc_pickle', source_dir='lidc', seed=0)
   trained = dict(TRAINED, source_dir=str(tmp_path / 'lidc'))
   assert settings_lib.reconcile(relative, _stored(**trained), set(), 'ckpt').data.seed == 3
+
+
+def test_every_config_key_named_in_code_and_docs_exists():
+  """Error messages, docs and launch scripts that tell a user to set
+  `--config.group.key` (or write `group.key=value` in the docs) name keys that
+  exist: a hint like --config.sampling.checkpoint_step (no such key) sends the user
+  to a ConfigError. Only the docs' deliberate typo example is exempt."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = settings_lib.default_config()
+  groups = '|'.join(settings_lib.GROUPS)
+  flag = re.compile(rf'--config\.({groups})\.([A-Za-z_][A-Za-z_0-9]*)')
+  quoted = re.compile(rf'`({groups})\.([a-z_][a-z_0-9]*)=[^`]*`')   # `training.remat=True`
+  code = [f for pattern in ('cimd_jax/**/*.py', 'launch/*', 'configs/*.py')
+          for f in glob.glob(os.path.join(root, pattern), recursive=True)]
+  docs = [os.path.join(root, 'README.md')] + glob.glob(os.path.join(root, 'docs', '*.md'))
+  unknown = set()
+  for path in code + docs:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    found = flag.findall(text) + (quoted.findall(text) if path.endswith('.md') else [])
+    unknown |= {(os.path.relpath(path, root), f'{g}.{k}') for g, k in found
+                if k not in config[g]}
+  assert unknown == {('docs/reliability.md', 'training.batch_sise')}, sorted(unknown)

@@ -117,6 +117,6 @@ def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs
       raise DivergenceError(
           'the model produced non-finite samples (NaN/inf): its weights have diverged or '
           'do not fit this sampler; retrain with a lower training.learning_rate, or '
-          'sample an earlier step with --config.sampling.checkpoint_step')
+          'sample an earlier step with --config.sampling.checkpoint=STEP')
     return np.asarray(samplers.masks_from_x0(x0))[..., 0]
   return draw

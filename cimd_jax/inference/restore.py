@@ -81,7 +81,7 @@ def restore_unet(workdir: str, which: str | int = 'latest', use_ema: bool = True
   if bad:
     raise DivergenceError(
         f'Checkpoint {where} holds non-finite {which} ({bad}): the run diverged; '
-        'sample an earlier step (--config.sampling.checkpoint_step) or retrain with a '
+        'sample an earlier step (--config.sampling.checkpoint=STEP) or retrain with a '
         'lower training.learning_rate')
   return Restored(params=params, step=step, config=config)
 
