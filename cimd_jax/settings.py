@@ -56,6 +56,10 @@ FROZEN_KEYS = ('data.image_size', 'data.image_channels')
 SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file',
                     'mask_threshold', 'resize', 'percentile_low', 'percentile_high',
                     'hdf5_image_range', 'nifti_image_patterns', 'nifti_axis')
+# Data keys that turn an image file into the network's input (folder.read_image). An
+# unlabelled input folder (sampling.input_dir) is read with the checkpoint's values,
+# whatever data source the sampling config names: the network saw images made so.
+INPUT_IMAGE_KEYS = ('resize', 'percentile_low', 'percentile_high')
 # Model keys that change nothing stored in the checkpoint (how the same network is
 # computed), so they may differ from the checkpoint's.
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
@@ -111,7 +115,7 @@ def _frozen(key: str) -> bool:
 
 
 def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: set[str],
-              where: str) -> Settings:
+              where: str, input_images: bool = False) -> Settings:
   """The settings to run with on a trained checkpoint.
 
   The checkpoint's model and diffusion settings (and image size and channels) win:
@@ -120,7 +124,9 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
   from the command line) to another value than the checkpoint's raises ConfigError
   naming the key and both values. On the data source it was trained on, the keys
   that define the splits and preprocessing (SAME_SOURCE_KEYS) follow the checkpoint
-  too, explicit overrides kept with a warning. Keys that may change after training
+  too, explicit overrides kept with a warning; with `input_images` (sampling an
+  unlabelled input folder) INPUT_IMAGE_KEYS follow it on any source, by the same
+  rule. Keys that may change after training
   (sampling, data source, training schedule, compute dtype) are kept as given.
   `stored` None (old checkpoints): `current` unchanged.
   """
@@ -149,6 +155,9 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
                    _show(new))
       values[group][key] = old
   _follow_same_source(values['data'], stored.get('data') or {}, overrides, where)
+  if input_images:
+    _follow(values['data'], stored.get('data') or {}, INPUT_IMAGE_KEYS, overrides, where,
+            'its input images are not read as training\'s were')
   return from_config(values)
 
 
@@ -158,17 +167,24 @@ def _follow_same_source(data: dict[str, Any], stored: Mapping[str, Any],
   when both name the same data source (module comment at SAME_SOURCE_KEYS)."""
   if stored.get('name') != data['name'] or _source(stored) != _source(data):
     return
-  for key in SAME_SOURCE_KEYS:
+  _follow(data, stored, SAME_SOURCE_KEYS, overrides, where,
+          'its splits or preprocessing are not training\'s, so a held-out split may hold '
+          'training cases')
+
+
+def _follow(data: dict[str, Any], stored: Mapping[str, Any], keys: tuple[str, ...],
+            overrides: set[str], where: str, risk: str) -> None:
+  """`keys` of `data` (changed in place) from `stored`; an explicit override is kept
+  with a warning that names `risk`."""
+  for key in keys:
     name = f'data.{key}'
     if key not in stored or _same(data[key], stored[key]):
       continue
     if name in overrides:
-      logging.warning('--config.%s=%s differs from %s (trained on the same data with %s=%s):'
-                      ' its splits or preprocessing are not training\'s, so a held-out '
-                      'split may hold training cases', name, _show(data[key]), where, name,
-                      _show(stored[key]))
+      logging.warning('--config.%s=%s differs from %s (trained with %s=%s): %s', name,
+                      _show(data[key]), where, name, _show(stored[key]), risk)
       continue
-    logging.info('Using %s=%s from %s (same data source; the config file says %s)', name,
+    logging.info('Using %s=%s from %s (the config file says %s)', name,
                  _show(stored[key]), where, _show(data[key]))
     data[key] = stored[key]
 

@@ -148,6 +148,22 @@ def test_an_input_folder_named_like_a_split_does_not_replace_its_samples(trained
   assert 'scan1' in os.listdir(other)
 
 
+def test_input_folder_sampling_uses_the_checkpoints_preprocessing(trained, tmp_path):
+  """A sampling config naming another data source with other percentiles: an input
+  folder is read with the checkpoint's (the trained run's) percentiles; sampling a
+  split keeps the config's (it reads that source's own records)."""
+  workdir, tfds_dir = trained
+  (tmp_path / 'in').mkdir()
+  other = helpers.settings(tfds_dir, data__name='folder', data__source_dir=str(tmp_path),
+                           data__percentile_low=5.0, sampling__input_dir=str(tmp_path / 'in'))
+  stored = helpers.settings(tfds_dir).data.percentile_low
+  assert stored != 5.0
+  assert sampling.prepare(other, str(workdir), set()).settings.data.percentile_low == stored
+  split = helpers.settings(tfds_dir, data__name='folder', data__source_dir=str(tmp_path),
+                           data__percentile_low=5.0)
+  assert sampling.prepare(split, str(workdir), set()).settings.data.percentile_low == 5.0
+
+
 def test_no_checkpoint_names_the_folder(tmp_path):
   s = _settings(tmp_path / 'tfds')
   (tmp_path / 'empty' / 'something').mkdir(parents=True)

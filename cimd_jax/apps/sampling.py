@@ -56,8 +56,8 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
   function, with the model and diffusion settings stored in the checkpoint."""
   step, stored = restore.read_config(workdir, settings.sampling.checkpoint)
   restore.warn_if_unfinished(step, stored, f'the checkpoint in {workdir}')
-  settings = settings_lib.reconcile(settings, stored, overrides,
-                                    f'the checkpoint of step {step} in {workdir}')
+  settings = settings_lib.reconcile(settings, stored, overrides, f'the checkpoint of step '
+                                    f'{step} in {workdir}', bool(settings.sampling.input_dir))
   expected = unet_param_shapes(settings.model, settings.data.image_size,
                                settings.data.image_channels)
   restored = restore.restore_unet(workdir, step, settings.sampling.use_ema, expected)
