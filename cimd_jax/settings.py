@@ -60,6 +60,14 @@ SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file'
 # unlabelled input folder (sampling.input_dir) is read with the checkpoint's values,
 # whatever data source the sampling config names: the network saw images made so.
 INPUT_IMAGE_KEYS = ('resize', 'percentile_low', 'percentile_high')
+# Keys that decide what a training run learns (beyond the network, which FROZEN_*
+# fixes): a finished run in a workdir was trained with its stored values, so a request
+# for other values there trains nothing with them (`changed_training_keys`).
+TRAINING_KEYS = (('objective', None),    # None: every key of the group
+                 ('training', ('batch_size', 'ema_rate', 'grad_clip_norm', 'learning_rate',
+                               'lr_schedule', 'seed', 'warmup_steps', 'weight_decay')),
+                 ('data', tuple(k for k in GROUPS['data'].__dataclass_fields__
+                                if k not in ('tfds_dir', 'worker_count'))))
 # Model keys that change nothing stored in the checkpoint (how the same network is
 # computed), so they may differ from the checkpoint's.
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
@@ -147,18 +155,39 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
         continue
       if name in overrides:
         raise ConfigError(
-            f'--config.{name}={_show(new)} contradicts {where}, which was trained with '
-            f'{name}={_show(old)}; only sampling.*, data sources, training schedule and '
+            f'--config.{name}={show(new)} contradicts {where}, which was trained with '
+            f'{name}={show(old)}; only sampling.*, data sources, training schedule and '
             'compute keys may change after training (drop the override, or train a new '
             'workdir)')
-      logging.info('Using %s=%s from %s (the config file says %s)', name, _show(old), where,
-                   _show(new))
+      logging.info('Using %s=%s from %s (the config file says %s)', name, show(old), where,
+                   show(new))
       values[group][key] = old
   _follow_same_source(values['data'], stored.get('data') or {}, overrides, where)
   if input_images:
     _follow(values['data'], stored.get('data') or {}, INPUT_IMAGE_KEYS, overrides, where,
             'its input images are not read as training\'s were')
   return from_config(values)
+
+
+def changed_training_keys(current: Settings, stored: Mapping[str, Any] | None
+                          ) -> list[tuple[str, Any, Any]]:
+  """(dotted key, stored value, current value) of every TRAINING_KEYS entry that
+  differs from a checkpoint's stored configuration (data.source_dir by real path)."""
+  if not stored:
+    return []
+  values = to_dict(current)
+  changed = []
+  for group, keys in TRAINING_KEYS:
+    old_group = stored.get(group) or {}
+    for key in keys or tuple(values[group]):
+      if key not in old_group:
+        continue
+      old, new = old_group[key], values[group][key]
+      if key == 'source_dir':
+        old, new = _source({key: old}), _source({key: new})
+      if not _same(new, old):
+        changed.append((f'{group}.{key}', old, new))
+  return changed
 
 
 def _follow_same_source(data: dict[str, Any], stored: Mapping[str, Any],
@@ -182,10 +211,10 @@ def _follow(data: dict[str, Any], stored: Mapping[str, Any], keys: tuple[str, ..
       continue
     if name in overrides:
       logging.warning('--config.%s=%s differs from %s (trained with %s=%s): %s', name,
-                      _show(data[key]), where, name, _show(stored[key]), risk)
+                      show(data[key]), where, name, show(stored[key]), risk)
       continue
     logging.info('Using %s=%s from %s (the config file says %s)', name,
-                 _show(stored[key]), where, _show(data[key]))
+                 show(stored[key]), where, show(data[key]))
     data[key] = stored[key]
 
 
@@ -201,7 +230,8 @@ def _same(a: Any, b: Any) -> bool:
   return a == b
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+  """A config value as a user would type it (lists as tuples)."""
   return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 

@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from cimd_jax import checkpoint
+from cimd_jax import settings as settings_lib
 from cimd_jax.apps import ablations
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
@@ -28,25 +30,47 @@ def _fake_result(ci, all_foreground=True):
           'num_images': 64, 'num_samples': 16}
 
 
-def test_every_row_is_trained_once_evaluated_per_sampler_and_reused(tmp_path, monkeypatch):
-  trained, evaluated = [], []
+def _save_step(run_dir, step):
+  """A checkpoint folder at `step` (a stand-in state): what a finished training leaves."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if step in checkpoint.complete_steps(run_dir):
+    return                                  # already trained (a resumed run trains nothing)
+  manager = checkpoint.make_manager(run_dir, keep=5)
+  checkpoint.save(manager, step, {'w': jnp.zeros((1,))}, None, {})
+  manager.wait_until_finished()
+  manager.close()
 
+
+def _recording_evaluate(evaluated):
+  """A stand-in for sampling.evaluate_cases that writes what the real one writes for
+  reuse (manifest with the settings and checkpoint step, metrics.json)."""
   def fake_evaluate(s, run_dir, overrides):
+    del overrides
     evaluated.append((s.model.ambiguity, s.diffusion.prediction, s.sampling.sampler,
                       s.sampling.steps))
     out = s.sampling.output_dir
-    os.makedirs(out)
-    result = _fake_result(0.5 + 0.01 * len(evaluated))
+    os.makedirs(out, exist_ok=True)
+    result = dict(_fake_result(0.5 + 0.01 * len(evaluated)),
+                  steps=s.sampling.steps or str(s.diffusion.num_timesteps))
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
       json.dump(result, f)
     with open(os.path.join(out, 'manifest.json'), 'w') as f:
-      json.dump({'complete': True}, f)
+      json.dump({'complete': True, 'config': settings_lib.to_dict(s),
+                 'checkpoint_step': checkpoint.resolve_step(run_dir, 'latest')}, f)
     return [], result, out
+  return fake_evaluate
 
-  monkeypatch.setattr(sampling, 'evaluate_cases', fake_evaluate)
+
+def test_every_row_is_trained_once_evaluated_per_sampler_and_reused(tmp_path, monkeypatch):
+  trained, evaluated = [], []
+
+  def fake_train(s, d):
+    trained.append((s.model.ambiguity, s.diffusion.prediction, d))
+    _save_step(d, 2)
+
+  monkeypatch.setattr(sampling, 'evaluate_cases', _recording_evaluate(evaluated))
   s = helpers.settings()
-  table = ablations.run(s, str(tmp_path), lambda s, d: trained.append(
-      (s.model.ambiguity, s.diffusion.prediction, d)), 'configs/test.py', ' --config.x=1')
+  table = ablations.run(s, str(tmp_path), fake_train, 'configs/test.py', ' --config.x=1')
   pairs = [(a, p) for a in AMBIGUITY_MODES for p in ('eps', 'x0')]
   assert [t[:2] for t in trained] == pairs
   assert [t[2] for t in trained] == [str(tmp_path / f'{a}-{p}') for a, p in pairs]
@@ -62,6 +86,29 @@ def test_every_row_is_trained_once_evaluated_per_sampler_and_reused(tmp_path, mo
   # A second run reuses every finished evaluation.
   ablations.run(s, str(tmp_path), lambda s, d: None)
   assert len(evaluated) == 3 * len(pairs)
+  # The full-T DDPM row is named by the model's T (50 in configs/test.py), not 1000.
+  assert '| trained | eps | ddpm50 |' in table and 'ddpm1000' not in table
+
+
+def test_an_evaluation_is_reused_only_for_the_same_request(tmp_path, monkeypatch):
+  """Another N, sampling seed or checkpoint step than the finished evaluation's is
+  evaluated again (it was reused whatever was asked, and paired with rows of another
+  N); the same request is reused."""
+  evaluated = []
+  monkeypatch.setattr(sampling, 'evaluate_cases', _recording_evaluate(evaluated))
+  one = dict(runs=('off-x0',), samplers=('ddim25',))
+  train = lambda s, d: _save_step(d, 2)
+  ablations.run(helpers.settings(), str(tmp_path), train, **one)
+  ablations.run(helpers.settings(), str(tmp_path), train, **one)
+  assert len(evaluated) == 1
+  ablations.run(helpers.settings(sampling__num_samples=8), str(tmp_path), train, **one)
+  assert len(evaluated) == 2
+  ablations.run(helpers.settings(sampling__num_samples=8, sampling__seed=7), str(tmp_path),
+                train, **one)
+  assert len(evaluated) == 3
+  ablations.run(helpers.settings(sampling__num_samples=8, sampling__seed=7), str(tmp_path),
+                lambda s, d: _save_step(d, 4), **one)     # training went on to step 4
+  assert len(evaluated) == 4
 
 
 def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatch):

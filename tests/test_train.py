@@ -332,6 +332,37 @@ def test_resuming_keeps_the_metric_the_checkpoints_are_ranked_by(tmp_path):
   assert resumed.training.best_metric == 'ci'
 
 
+def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplog):
+  """A workdir trained to its num_steps with kl_weight 1 and seed 0: asked for kl_weight
+  0.001 (a config file or a mode like ablations) nothing would be trained, so it is
+  refused, naming the key and both values (before, the old model was reported under
+  the new settings and config.json rewritten to claim them); with a larger num_steps
+  the run continues with a warning; keys that only say how to run (num_steps,
+  eval_every, tfds_dir) change freely."""
+  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+  trained = helpers.settings(training__num_steps=2)
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, settings_lib.to_dict(trained))
+  manager.wait_until_finished()
+  manager.close()
+  other = helpers.settings(training__num_steps=2, objective__kl_weight=0.001,
+                           training__seed=3)
+  with pytest.raises(ConfigError, match=r'finished training \(step 2 of training.num_steps=2\)'
+                                        r'.*objective.kl_weight=0.001 \(trained with 1.0\).*'
+                                        r'training.seed=3 \(trained with 0\)'):
+    modes.resume_settings(other, str(tmp_path), set())
+  longer = helpers.settings(training__num_steps=4, objective__kl_weight=0.001)
+  with caplog.at_level(logging.WARNING):
+    got = modes.resume_settings(longer, str(tmp_path), set())
+  assert got.objective.kl_weight == 0.001
+  assert any('objective.kl_weight=0.001 (trained with 1.0)' in r.getMessage()
+             for r in caplog.records)
+  same = helpers.settings(training__num_steps=2, training__eval_every=7,
+                          data__tfds_dir=str(tmp_path / 'elsewhere'))
+  assert modes.resume_settings(same, str(tmp_path), set()).training.eval_every == 7
+
+
 def test_calibration_mae_as_best_metric_needs_known_frequencies(tmp_path):
   """On data without known structure frequencies (a CIMD folder) val/calibration_mae
   would be NaN at every validation: refused when validation starts, naming the key."""

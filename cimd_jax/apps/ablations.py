@@ -6,7 +6,10 @@ a model is trained in WORKDIR/<mode>-<prediction>/ (resuming when present) with 
 config otherwise unchanged; each is evaluated with every sampler of SAMPLERS on
 `sampling.split` (its first `sampling.max_images` images, N = `sampling.num_samples`,
 `sampling.seed` fixed) into WORKDIR/<mode>-<prediction>/eval/<sampler>/. Finished
-evaluations are reused, so an interrupted run continues where it stopped. The table
+evaluations are reused when they were made with the requested sampling (REUSE_KEYS)
+of the checkpoint now there, so an interrupted run continues where it stopped; a
+finished training asked for other training settings is refused
+(modes.resume_settings). The full-T DDPM row is named by the model's T. The table
 (WORKDIR/ablations.md, printed too) gives, per row, calibration MAE on the ambiguous
 structures, the largest sampled frequency of a structure no expert draws, the
 fraction of samples that are foreground at every pixel, GED, CI, D_a and HM-IoU, each
@@ -23,6 +26,7 @@ from typing import Any, Callable
 from absl import logging
 import numpy as np
 
+from cimd_jax import checkpoint
 from cimd_jax import settings as settings_lib
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
@@ -69,15 +73,36 @@ def with_sampler(settings: settings_lib.Settings, sampler: str, steps: str, out_
       settings.sampling, sampler=sampler, steps=steps, output_dir=out_dir))
 
 
-def _done(out_dir: str) -> dict[str, Any] | None:
+# Sampling keys an earlier evaluation must share with the requested one to be reused.
+REUSE_KEYS = ('sampler', 'steps', 'ddim_eta', 'clip_variance', 'variance_transfer',
+              'num_samples', 'seed', 'split', 'max_images', 'use_ema')
+
+
+def _done(out_dir: str, requested: settings_lib.Settings, run_dir: str
+          ) -> dict[str, Any] | None:
+  """The metrics of a finished evaluation in `out_dir` made with the requested
+  sampling (REUSE_KEYS) of the checkpoint `requested.sampling.checkpoint` now names
+  in `run_dir`; None (evaluate again) otherwise, with the first difference logged."""
   try:
     with open(os.path.join(out_dir, 'manifest.json')) as f:
-      if not json.load(f).get('complete'):
-        return None
+      manifest = json.load(f)
     with open(os.path.join(out_dir, 'metrics.json')) as f:
-      return json.load(f)
+      result = json.load(f)
   except (OSError, ValueError):
     return None
+  if not manifest.get('complete'):
+    return None
+  done = (manifest.get('config') or {}).get('sampling') or {}
+  want = settings_lib.to_dict(requested)['sampling']
+  differs = [k for k in REUSE_KEYS if done.get(k) != want[k]]
+  step = checkpoint.resolve_step(run_dir, requested.sampling.checkpoint)
+  if manifest.get('checkpoint_step') != step:
+    differs.append(f'checkpoint step ({manifest.get("checkpoint_step")} vs {step})')
+  if differs:
+    logging.info('Ablations: %s is evaluated again (%s differ from the request)', out_dir,
+                 ', '.join(differs))
+    return None
+  return result
 
 
 def row(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -123,12 +148,13 @@ def run(settings: settings_lib.Settings, workdir: str,
         if samplers and name not in samplers:
           continue
         out_dir = os.path.join(run_dir, 'eval', name)
-        result = _done(out_dir)
+        requested = with_sampler(s, kind, steps, out_dir)
+        result = _done(out_dir, requested, run_dir)
         if result is None:
           logging.info('Ablations: evaluating %s with %s', run_dir, name)
-          result = sampling.evaluate_cases(with_sampler(s, kind, steps, out_dir), run_dir,
-                                           set())[1]
-        rows.append({'ambiguity': ambiguity, 'prediction': prediction, 'sampler': name,
+          result = sampling.evaluate_cases(requested, run_dir, set())[1]
+        shown = f'ddpm{result["steps"]}' if kind == 'ddpm' and not steps else name  # T
+        rows.append({'ambiguity': ambiguity, 'prediction': prediction, 'sampler': shown,
                      'values': row(result), 'num_images': result['num_images'],
                      'num_samples': result['num_samples'], 'out_dir': out_dir,
                      'command': commands(config_file, workdir, ambiguity, prediction, kind,
@@ -165,7 +191,11 @@ def paired_against(rows: list[dict[str, Any]], reference: str,
     if r['ambiguity'] in (reference,) + skip or ref is None:
       continue
     mine, base = _per_image(r.get('out_dir', '')), _per_image(ref.get('out_dir', ''))
-    if mine is None or base is None or mine[0] != base[0]:
+    if mine is None or base is None:
+      continue
+    if mine[0] != base[0] or r.get('num_samples') != ref.get('num_samples'):
+      logging.warning('Ablations: %s and %s hold other images or N; no paired line',
+                      r.get('out_dir'), ref.get('out_dir'))
       continue
     stats = reports.summarize({k: mine[1][k] - base[1][k] for k in PAIRED})
     lines.append(f'- {r["ambiguity"]} − {reference} ({r["prediction"]}, {r["sampler"]}), '

@@ -85,6 +85,18 @@ def resume_settings(settings: settings_lib.Settings, workdir: str, overrides: se
     return settings
   where = f'the checkpoint of step {step} in {workdir}'
   settings = settings_lib.reconcile(settings, stored, overrides, where)
+  changed = settings_lib.changed_training_keys(settings, stored)
+  if changed:
+    shown = ', '.join(f'{k}={settings_lib.show(new)} (trained with {settings_lib.show(old)})'
+                      for k, old, new in changed)
+    if step >= settings.training.num_steps:
+      raise ConfigError(
+          f'{workdir} holds a finished training (step {step} of '
+          f'training.num_steps={settings.training.num_steps}) made with other settings: '
+          f'{shown}; nothing would be trained with them: use a new workdir (or raise '
+          'training.num_steps to continue with them)')
+    logging.warning('Resuming %s at step %d with other settings than its checkpoint: %s; '
+                    'steps up to %d used the old ones', workdir, step, shown, step)
   ranked_by = ((stored or {}).get('training') or {}).get('best_metric')
   if ranked_by is None or ranked_by == settings.training.best_metric:
     return settings
