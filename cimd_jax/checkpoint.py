@@ -91,7 +91,7 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_stat
       manager.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(data_iterator)))
       data_restored = True
-    except ValueError:  # saved by another number of processes
+    except (ValueError, KeyError):  # another number of processes or of data workers
       data_restored = False
   return restored['state'], data_restored
 

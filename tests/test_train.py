@@ -13,6 +13,7 @@ import pytest
 from cimd_jax import checkpoint
 from cimd_jax.models import build
 from cimd_jax.train import loop
+from cimd_jax.train import monitor
 from cimd_jax.train import objective
 from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
@@ -231,6 +232,64 @@ def test_quartile_sums_and_logged_learning_rate_by_hand():
     np.testing.assert_allclose(before - np.asarray(state.params['unet']['w']), lr, atol=1e-5)
 
 
+def test_window_rates_count_timed_steps_only():
+  """3 timed steps in 1.5 s at batch 4: 2 steps/s, 8 images/s; a window whose only
+  step compiled has no rate instead of one that counts the compilation."""
+  metrics = {k: np.float32(1.0) for k in monitor.WINDOW_KEYS}
+  metrics.update({f'mse_q{q}_sum': np.float32(0.0) for q in range(4)})
+  metrics.update({f'q{q}_count': np.float32(0.0) for q in range(4)})
+  metrics['learning_rate'] = np.float32(0.1)
+  host = [(s, metrics) for s in (1, 2, 3, 4)]
+  got = monitor.window_scalars(host, 4, 1.5, 3)
+  assert got['steps_per_s'] == pytest.approx(2.0) and got['images_per_s'] == pytest.approx(8.0)
+  assert 'steps_per_s' not in monitor.window_scalars(host[:1], 4, 30.0, 0)
+
+
+def test_logged_rates_leave_out_validation_saving_and_compilation(tmp_path, tfds_dir,
+                                                                  monkeypatch):
+  """A clock that only moves during validation (100 s each) and saving (50 s): every
+  logged steps_per_s must ignore those seconds (they were charged to the next window),
+  and the first window, whose one step compiles, logs no rate."""
+  clock = [0.0]
+  monkeypatch.setattr(loop, 'time', type('FakeTime', (), {
+      'perf_counter': staticmethod(lambda: clock[0])}))
+  real_validate, real_save = monitor.validate, checkpoint.save
+
+  def slow_validate(*args):
+    clock[0] += 100.0
+    return real_validate(*args)
+
+  def slow_save(*args, **kwargs):
+    clock[0] += 50.0
+    return real_save(*args, **kwargs)
+  monkeypatch.setattr(monitor, 'validate', slow_validate)
+  monkeypatch.setattr(checkpoint, 'save', slow_save)
+  logged = {}
+  s = helpers.settings(tfds_dir, training__num_steps=6, training__log_every=1,
+                       training__eval_every=2, training__checkpoint_every=3,
+                       data__validation_fraction=0.25)
+  helpers.train_loop(s, tmp_path, on_log=lambda step, sc: logged.update({step: sc}))
+  assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+  assert 'steps_per_s' not in logged[1]
+  assert all(logged[k]['steps_per_s'] > 1.0 for k in range(2, 7)), (
+      {k: logged[k].get('steps_per_s') for k in logged})
+
+
+def test_best_checkpoint_outlives_a_resume_without_validation(tmp_path, tfds_dir):
+  """Validated to step 4 (best kept beyond keep_checkpoints=1), then resumed to step 6
+  with eval_every=0: the best step is still there and still `best` (a manager
+  without the best policy deleted it at the next save)."""
+  common = dict(training__keep_checkpoints=1, training__checkpoint_every=2,
+                data__validation_fraction=0.25)
+  helpers.train_loop(helpers.settings(tfds_dir, training__num_steps=4,
+                                      training__eval_every=2, **common), tmp_path)
+  best = checkpoint.resolve_step(str(tmp_path), 'best')
+  helpers.train_loop(helpers.settings(tfds_dir, training__num_steps=6,
+                                      training__eval_every=0, **common), tmp_path)
+  assert checkpoint.resolve_step(str(tmp_path), 'best') == best
+  assert checkpoint.complete_steps(str(tmp_path)) == sorted({best, 6})
+
+
 def test_resume_equals_straight_run(tmp_path, tfds_dir):
   straight = _settings(tfds_dir, num_steps=6, checkpoint_every=100)
   final_straight = helpers.train_loop(straight, tmp_path / 'straight')
@@ -361,6 +420,47 @@ def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplo
   same = helpers.settings(training__num_steps=2, training__eval_every=7,
                           data__tfds_dir=str(tmp_path / 'elsewhere'))
   assert modes.resume_settings(same, str(tmp_path), set()).training.eval_every == 7
+
+
+def test_resume_refuses_another_data_order_and_warns_about_the_schedule(tmp_path, caplog):
+  """Stopped at step 2 of 8: another batch size (or data) would make the saved data
+  position skip or repeat examples (refused, naming the key); a cosine decay rebuilt
+  over another num_steps, and a num_steps below the checkpoint's step, are named in
+  warnings."""
+  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+  trained = helpers.settings(training__num_steps=8, training__lr_schedule='cosine')
+  manager = checkpoint.make_manager(str(tmp_path), keep=3)
+  checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, settings_lib.to_dict(trained))
+  manager.wait_until_finished()
+  manager.close()
+  for key, value in (('training__batch_size', 8), ('data__synthetic_seed', 99)):
+    other = helpers.settings(training__num_steps=8, training__lr_schedule='cosine',
+                             **{key: value})
+    with pytest.raises(ConfigError, match=rf'resuming at step 2 with '
+                                          rf'{key.replace("__", ".")} changed'):
+      modes.resume_settings(other, str(tmp_path), set())
+  with caplog.at_level(logging.WARNING):
+    modes.resume_settings(helpers.settings(training__num_steps=16,
+                                           training__lr_schedule='cosine'), str(tmp_path), set())
+    modes.resume_settings(helpers.settings(training__num_steps=1,
+                                           training__lr_schedule='cosine'), str(tmp_path), set())
+  warned = ' | '.join(r.getMessage() for r in caplog.records)
+  assert 'cosine learning-rate decay was built over 8 steps' in warned
+  assert 'rebuilt over training.num_steps=16' in warned
+  assert 'past training.num_steps=1' in warned
+
+
+def test_resume_with_another_data_worker_count_restarts_the_order(tmp_path, tfds_dir, caplog):
+  """The iterator state of 0 workers does not fit 2 (and back): the resume warns that
+  the data order starts afresh instead of failing on a bare KeyError."""
+  helpers.train_loop(helpers.settings(tfds_dir, training__num_steps=2, data__worker_count=0),
+                     tmp_path)
+  with caplog.at_level(logging.WARNING):
+    state = helpers.train_loop(helpers.settings(tfds_dir, training__num_steps=3,
+                                                data__worker_count=2), tmp_path)
+  assert int(state.step) == 3
+  assert any('data order starts afresh' in r.getMessage() for r in caplog.records)
 
 
 def test_calibration_mae_as_best_metric_needs_known_frequencies(tmp_path):

@@ -95,8 +95,27 @@ def resume_settings(settings: settings_lib.Settings, workdir: str, overrides: se
           f'training.num_steps={settings.training.num_steps}) made with other settings: '
           f'{shown}; nothing would be trained with them: use a new workdir (or raise '
           'training.num_steps to continue with them)')
+    order = [k for k, _, _ in changed if k == 'training.batch_size' or k.startswith('data.')]
+    if order:
+      raise ConfigError(
+          f'{workdir}: resuming at step {step} with {", ".join(order)} changed ({shown}): '
+          'the saved data position counts batches of the stored data and batch size, so '
+          'examples would be skipped or repeated; resume with the stored values, or train '
+          'in a new workdir')
     logging.warning('Resuming %s at step %d with other settings than its checkpoint: %s; '
                     'steps up to %d used the old ones', workdir, step, shown, step)
+  trained_for = ((stored or {}).get('training') or {}).get('num_steps')
+  if step > settings.training.num_steps:
+    logging.warning('%s: its checkpoint (step %d) is past training.num_steps=%d; nothing is '
+                    'trained and the model is step %d\'s', workdir, step,
+                    settings.training.num_steps, step)
+  elif (settings.training.lr_schedule == 'cosine' and trained_for is not None
+        and trained_for != settings.training.num_steps and step < settings.training.num_steps):
+    logging.warning('%s: the cosine learning-rate decay was built over %d steps and is now '
+                    'rebuilt over training.num_steps=%d: from step %d on the rate follows the '
+                    'new curve (a jump, not a continuation); set the final num_steps before '
+                    'the first run to avoid it', workdir, trained_for,
+                    settings.training.num_steps, step)
   ranked_by = ((stored or {}).get('training') or {}).get('best_metric')
   if ranked_by is None or ranked_by == settings.training.best_metric:
     return settings

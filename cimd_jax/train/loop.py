@@ -7,7 +7,8 @@ TensorBoard and console lines; every process takes part in saving.
 
 TensorBoard tags: loss, mse, vlb, kl (window means), mse_by_t/q0..q3 (MSE of the
 examples whose t falls in each quarter of [0, T)), grad_norm, param_norm,
-learning_rate, steps_per_s, images_per_s; with the AMN/ACN, ambiguity/amn_mean_spread,
+learning_rate, steps_per_s, images_per_s (training steps only: the compiling first
+step, validation and saving are left out); with the AMN/ACN, ambiguity/amn_mean_spread,
 amn_sigma, spread_over_sigma, acn_sigma (train/ambiguity.py: a collapse shows as a
 spread near 0); with validation (train/validation.py)
 val/ci, val/ged, val/hm_iou, val/sc, val/dmax, val/da, val/calibration_mae
@@ -85,8 +86,10 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
   lr_fn = state_lib.learning_rate_schedule(training)
   tables = diffusion.tables()
   validate = training.eval_every > 0
+  # best=True even without validation: a best step scored earlier in this workdir is
+  # kept when a resumed run no longer validates (LatestN alone would delete it).
   manager = checkpoint.make_manager(workdir, training.keep_checkpoints,
-                                    save_every=training.checkpoint_every, best=validate)
+                                    save_every=training.checkpoint_every, best=True)
   divergence = monitor.Divergence(workdir, training)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -148,9 +151,14 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
         # Every process compiles first, then all start the first step together.
         train_step = step_lib.compile_ahead(train_step, state, batch)
         runtime.barrier(f'first_step_{start_step}')
-      if step == start_step:
-        window_start = time.perf_counter()
       state, metrics = train_step(state, batch)
+      if step == start_step:
+        # The first step compiles: it is not timed (steps_per_s of this window counts
+        # the steps after it).
+        jax.block_until_ready(metrics)
+        window_start, timed, paused = time.perf_counter(), 0, 0.0
+      else:
+        timed += 1
       pending.append((step + 1, metrics))
       # The previous step's metrics are read while this one runs: one step of lag
       # keeps the host from stalling the device, and a NaN is still named exactly.
@@ -166,23 +174,28 @@ def train_and_evaluate(workdir: str, *, data: DataArgs, model: ModelArgs,
         host = [(s, jax.device_get(m)) for s, m in pending]
         for s, m in host:
           monitor.check_finite(m, s, divergence)
-        scalars = monitor.window_scalars(host, training.batch_size,
-                                         time.perf_counter() - window_start)
+        scalars = monitor.window_scalars(
+            host, training.batch_size, time.perf_counter() - window_start - paused, timed)
         if probe is not None:
           scalars.update(probe(monitor.local_copy(state.params)))
         writer.write_scalars(done, scalars)
         if on_log is not None:
           on_log(done, scalars)
         pending.clear()
-        window_start = time.perf_counter()
+        window_start, timed, paused = time.perf_counter(), 0, 0.0
       scores = None
-      if validate and (done % training.eval_every == 0 or last):
-        scores = monitor.validate(validator, state, done, writer)
-      if scores is not None or last or stop or manager.should_save(done):
+      evaluate = validate and (done % training.eval_every == 0 or last)
+      if evaluate or last or stop or manager.should_save(done):
+        # Validation and saving are not training time: kept out of steps_per_s.
+        jax.block_until_ready(metrics)
+        pause_start = time.perf_counter()
+        if evaluate:
+          scores = monitor.validate(validator, state, done, writer)
         monitor.check_finite(jax.device_get(metrics), done, divergence)
         checkpoint.save(manager, done, state, data_iter, config, metrics=scores)
         divergence.last_good = done
         logging.info('Saving checkpoint at step %d', done)
+        paused += time.perf_counter() - pause_start
       if stop:
         logging.warning('Stop requested: saved a checkpoint at step %d and stopped', done)
         break

@@ -20,8 +20,11 @@ WINDOW_KEYS = ('loss', 'mse', 'vlb', 'kl', 'grad_norm', 'param_norm')
 
 
 def window_scalars(pending: list[tuple[int, dict[str, np.ndarray]]],
-                    batch_size: int, seconds: float) -> dict[str, float]:
-  """Scalars of a logging window from the host metrics of its steps."""
+                    batch_size: int, seconds: float, timed_steps: int) -> dict[str, float]:
+  """Scalars of a logging window from the host metrics of its steps; steps_per_s and
+  images_per_s = `timed_steps` (the window's steps but a compiling first one) over
+  `seconds` (their wall time, validation and saving excluded), left out when no step
+  was timed."""
   steps = [m for _, m in pending]
   scalars = {k: float(np.mean([m[k] for m in steps])) for k in WINDOW_KEYS}
   for q in range(step_lib.NUM_QUARTILES):
@@ -29,8 +32,9 @@ def window_scalars(pending: list[tuple[int, dict[str, np.ndarray]]],
     if count:
       scalars[f'mse_by_t/q{q}'] = sum(float(m[f'mse_q{q}_sum']) for m in steps) / count
   scalars['learning_rate'] = float(steps[-1]['learning_rate'])
-  scalars['steps_per_s'] = len(steps) / max(seconds, 1e-9)
-  scalars['images_per_s'] = scalars['steps_per_s'] * batch_size
+  if timed_steps:
+    scalars['steps_per_s'] = timed_steps / max(seconds, 1e-9)
+    scalars['images_per_s'] = scalars['steps_per_s'] * batch_size
   return scalars
 
 
