@@ -111,3 +111,52 @@ def test_bad_torch_reference_is_one_line_before_any_timing(flag, named):
   lines = [l for l in out.stderr.splitlines() if l.startswith('cimd_jax.bench:')]
   assert len(lines) == 1 and named in lines[0], out.stderr[-2000:]
   assert not [l for l in out.stdout.splitlines() if l.startswith('{')]  # nothing timed
+
+
+def test_official_config_is_named_only_for_the_official_work():
+  """Configs A and B match the official scripts; a model that does other work (another
+  head count, dropout, bfloat16, remat, up/down ResBlocks, other AMN/ACN, or no
+  ambiguity networks in training) gets no ratio, since the scripts would time
+  something else. Sampling does not run the AMN/ACN, so `ambiguity` does not matter
+  there."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  a = settings_lib.from_config(settings_lib.load_config_file(
+      os.path.join(ROOT, 'configs', 'lidc.py')))
+  b = settings_lib.from_config(settings_lib.load_config_file(
+      os.path.join(ROOT, 'configs', 'bench_small.py')))
+  assert torch_reference.official_config(a.model, a.data.image_size, 4) == 'A'
+  assert torch_reference.official_config(b.model, b.data.image_size, 4) == 'B'
+  assert torch_reference.official_config(b.model, b.data.image_size, 1) is None
+  for change in (dict(num_heads=4), dict(num_head_channels=32), dict(dropout=0.3),
+                 dict(resblock_updown=True), dict(compute_dtype='bfloat16'),
+                 dict(remat=True), dict(latent_filters=(8,)), dict(latent_dim=3),
+                 dict(ambiguity='off')):
+    other = dataclasses.replace(b.model, **change)
+    assert torch_reference.official_config(other, 64, 4) is None, change
+  off = dataclasses.replace(b.model, ambiguity='off')
+  assert torch_reference.official_config(off, 64, 4, 'sample') == 'B'
+
+
+def test_ratio_and_roofline_account_for_hardware():
+  """The official scripts use 2 CPU threads: on a GPU or another core count no ratio is
+  printed; a 2-device run's FLOPs (both devices' work) are divided by two devices'
+  matmul rate."""
+  from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  assert torch_reference.not_comparable('cpu', 2) is None
+  assert 'gpu with 16 CPU cores' in torch_reference.not_comparable('gpu', 16)
+  assert 'cpu with 8 CPU cores' in torch_reference.not_comparable('cpu', 8)
+  assert common.roofline_fraction(300.0, 200.0, 2) == pytest.approx(0.75)
+  assert common.roofline_fraction(150.0, 200.0, 1) == pytest.approx(0.75)
+
+
+def test_config_name_in_both_flag_forms(monkeypatch):
+  from cimd_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  for argv in (['bench', '--config', 'configs/test.py', '--what=model'],
+               ['bench', '--config=configs/test.py']):
+    monkeypatch.setattr(sys, 'argv', argv)
+    assert bench_main._config_name() == 'test'   # pylint: disable=protected-access
+  monkeypatch.setattr(sys, 'argv', ['bench'])
+  assert bench_main._config_name() == 'lidc'   # pylint: disable=protected-access

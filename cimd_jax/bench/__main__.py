@@ -50,9 +50,13 @@ _TORCH_DIR = flags.DEFINE_string('torch_speed_dir', '',
 
 
 def _config_name() -> str:
-  for arg in sys.argv:
+  """The config file's name (`--config=PATH` or `--config PATH`), 'lidc' by default."""
+  args = sys.argv[1:]
+  for i, arg in enumerate(args):
     if arg.startswith('--config='):
       return os.path.basename(arg.split('=', 1)[1]).removesuffix('.py')
+    if arg == '--config' and i + 1 < len(args):
+      return os.path.basename(args[i + 1]).removesuffix('.py')
   return 'lidc'
 
 
@@ -135,7 +139,9 @@ def main(argv):
     roof = common.matmul_gflops()
     record['matmul_gflops_per_s'] = roof
     if record.get('gflops_per_s'):
-      record['roofline_fraction'] = record['gflops_per_s'] / roof
+      import jax  # pylint: disable=g-import-not-at-top
+      record['roofline_fraction'] = common.roofline_fraction(record['gflops_per_s'], roof,
+                                                             jax.device_count())
   if _TORCH.value and what in ('train', 'sample'):
     record.update(_torch_ratio(settings_lib.from_config(config), what, record))
   _emit({**record, **info})
@@ -143,10 +149,17 @@ def main(argv):
 
 def _torch_ratio(s, what: str, record: dict) -> dict:
   """The official model's figure for the same work, run now, and our ratio to it."""
+  import jax  # pylint: disable=g-import-not-at-top
   from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
-  cfg = torch_reference.official_config(s.model, s.data.image_size, s.data.image_channels)
+  cfg = torch_reference.official_config(s.model, s.data.image_size, s.data.image_channels,
+                                       what)
   if cfg is None:
-    return {'torch_reference': 'no official script for this config (only A and B)'}
+    return {'torch_reference': 'no official script for this config (only A and B, with '
+                               "the official model's heads, dropout, dtype and AMN/ACN)"}
+  reason = torch_reference.not_comparable(jax.default_backend(),
+                                          len(os.sched_getaffinity(0)))
+  if reason:
+    return {'torch_reference': reason}
   size = record['batch'] if what == 'train' else record['rows']
   try:
     torch = torch_reference.run(_TORCH.value, what, cfg, size,

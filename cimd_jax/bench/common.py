@@ -132,3 +132,9 @@ def random_batch(batch: int, image_size: int, image_channels: int, seed: int = 0
   image = rng.uniform(-1, 1, (batch, image_size, image_size, image_channels))
   mask = np.where(rng.uniform(size=(batch, image_size, image_size, 1)) > 0.7, 1.0, -1.0)
   return {'image': jnp.asarray(image, jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
+
+
+def roofline_fraction(gflops_per_s: float, matmul_gflops: float, num_devices: int) -> float:
+  """The fraction of the in-run roofline reached: gflops_per_s counts the work of all
+  `num_devices` devices, matmul_gflops is one device's rate."""
+  return gflops_per_s / (matmul_gflops * num_devices)

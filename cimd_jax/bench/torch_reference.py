@@ -26,9 +26,25 @@ _CONFIGS = {
 }
 
 
-def official_config(model: ModelArgs, image_size: int, image_channels: int) -> str | None:
-  """'A' or 'B' when the configured UNet is the official script's, else None."""
-  if image_channels != 4 or model.use_scale_shift_norm or not model.learn_sigma:
+# What both official scripts fix besides A/B: one attention head, no dropout, no
+# up/down-sampling ResBlocks, float32 without rematerialisation; the train script also
+# trains AMN and ACN (filters (32, 64, 128, 192), 3 convs per block, latent 6).
+_COMMON = dict(num_heads=1, num_head_channels=-1, dropout=0.0, resblock_updown=False,
+               use_scale_shift_norm=False, learn_sigma=True, compute_dtype='float32',
+               remat=False)
+_TRAIN = dict(ambiguity='trained', latent_filters=(32, 64, 128, 192),
+              latent_convs_per_block=3, latent_dim=6)
+THREADS = 2   # th.set_num_threads(2) in both scripts, CPU only
+
+
+def official_config(model: ModelArgs, image_size: int, image_channels: int,
+                    what: str = 'train') -> str | None:
+  """'A' or 'B' when the configured model does the official script's work for `what`
+  ('train': UNet + AMN + ACN; 'sample': the UNet), else None."""
+  fixed = dict(_COMMON, **(_TRAIN if what == 'train' else {}))
+  if image_channels != 4 or any(
+      (tuple(v) if isinstance(v, (list, tuple)) else v) != want
+      for v, want in ((getattr(model, k), want) for k, want in fixed.items())):
     return None
   for name, want in _CONFIGS.items():
     got = dict(image_size=image_size, num_channels=model.num_channels,
@@ -37,6 +53,15 @@ def official_config(model: ModelArgs, image_size: int, image_channels: int) -> s
     if got == want:
       return name
   return None
+
+
+def not_comparable(backend: str, cores: int) -> str | None:
+  """Why a ratio against the official scripts (THREADS CPU threads) would compare other
+  hardware, or None when this run is on a CPU with that many cores."""
+  if backend == 'cpu' and cores == THREADS:
+    return None
+  return (f'not comparable here: the official scripts run on {THREADS} CPU threads, '
+          f'this run on {backend} with {cores} CPU cores')
 
 
 def run(python: str, what: str, cfg: str, size: int, repeats: int,
