@@ -36,8 +36,9 @@ def make_manager(workdir: str, keep: int, save_every: int = 1, best: bool = Fals
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over WORKDIR/checkpoints.
 
-  `should_save(step)` is true every `save_every` steps. Keeps the latest `keep` steps, plus (with `best`) the step with the highest
-  validation `score` among those saved with metrics. Saves are asynchronous: the
+  `should_save(step)` is true every `save_every` steps. Keeps the latest `keep` steps,
+  plus (with `best`) the step with the highest validation `score` among those saved
+  with metrics. Saves are asynchronous: the
   next training step runs while the files are written; `close()` (or
   `wait_until_finished()`) waits for the last one. `read_only` managers (sampling,
   evaluation) never write.

@@ -3,8 +3,8 @@
 Accepted layouts: image files directly in DIR (.png, .jpg, .jpeg, .bmp, .tif, .tiff),
 and/or case folders DIR/<case>/ holding `image_*` files as in the CIMD layout (several
 stack as channels). Label files (`label<i>_*`, the experts' masks) are never inputs,
-in a case folder or directly in DIR (DIR itself a case folder). Every input is read by the
-training reader (`folder.read_image` with the run's DataArgs): the same channel
+in a case folder or directly in DIR (DIR itself a case folder). Every input is read
+by the training reader (`folder.read_image` with the run's DataArgs): the same channel
 rules, the same percentile rule for images wider than 8 bits, the same size checks.
 
 Case ids: a file's name without its extension, or the folder's name; when two inputs

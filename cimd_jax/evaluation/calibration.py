@@ -11,7 +11,8 @@ import numpy as np
 
 
 def included(masks: np.ndarray, region: np.ndarray, cover: float = 0.5) -> np.ndarray:
-  """Whether each mask covers >= `cover` of `region`: masks bool [N, H, W], region [H, W] -> bool [N]."""
+  """Whether each mask covers >= `cover` of `region`: masks bool [N, H, W], region
+  [H, W] -> bool [N]."""
   region = np.asarray(region) > 0
   area = int(region.sum())
   if area == 0:
@@ -55,8 +56,8 @@ def over_cases(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def summarize(truth: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
   """MAE on ambiguous structures (0 < p) with its standard error (sample std, ddof = 1,
-  of the absolute errors / sqrt(count); NaN below two structures), worst and mean sampled frequency on structures no expert
-  draws (p = 0), and counts."""
+  of the absolute errors / sqrt(count); NaN below two structures), worst and mean
+  sampled frequency on structures no expert draws (p = 0), and counts."""
   truth, sampled = np.asarray(truth), np.asarray(sampled)
   amb = truth > 0
   decoy = truth == 0
