@@ -100,3 +100,27 @@ def test_every_config_key_named_in_code_and_docs_exists():
     unknown |= {(os.path.relpath(path, root), f'{g}.{k}') for g, k in found
                 if k not in config[g]}
   assert unknown == {('docs/reliability.md', 'training.batch_sise')}, sorted(unknown)
+
+
+def test_every_test_named_in_the_docs_exists():
+  """docs/testing.md, docs/reliability.md and the README name the test that checks each
+  claim (`test_x.py::test_y`, or `::test_y` after the last file named): a renamed
+  or deleted test must not leave a claim pointing at nothing."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  defined = {}
+  for path in glob.glob(os.path.join(root, 'tests', 'test_*.py')):
+    with open(path, encoding='utf-8') as f:
+      defined[os.path.basename(path)] = set(re.findall(r'^def (test_\w+)', f.read(), re.M))
+  missing = set()
+  for doc in [os.path.join(root, 'README.md')] + glob.glob(os.path.join(root, 'docs', '*.md')):
+    with open(doc, encoding='utf-8') as f:
+      text = f.read()
+    current = None   # the test file named last
+    for file, name in re.findall(r'(test_\w+\.py)|::(test_\w+)', text):
+      if file:
+        current = file
+      elif current not in defined or name not in defined[current]:
+        missing.add((os.path.basename(doc), current, name))
+  assert not missing, sorted(missing)
