@@ -393,3 +393,17 @@ def test_known_failures_are_one_line_with_status_2(tmp_path, args, expected):
   if 'No checkpoint' in expected:   # the traceback went to the workdir's log
     logs = os.listdir(workdir / 'logs')
     assert any('Traceback' in open(workdir / 'logs' / n).read() for n in logs)
+
+
+@pytest.mark.parametrize('mode', ['evaluate', 'demo', 'reproduce', 'ablations'])
+def test_single_process_modes_are_refused_in_a_multi_process_job(mode, monkeypatch):
+  """Evaluation and the modes built on it would let every process sample the same
+  images and fight over one output folder: refused, naming the mode, before any work;
+  training and sampling are the multi-process modes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import modes  # pylint: disable=g-import-not-at-top
+  from cimd_jax.utils.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ConfigError, match=rf'^--mode={mode} runs in one process'):
+    modes.run(mode, helpers.settings(), '/nonexistent/workdir', set())
+  assert modes.MULTI_PROCESS_MODES == ('train', 'sample')

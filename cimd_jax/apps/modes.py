@@ -30,6 +30,9 @@ from cimd_jax.utils.errors import CheckpointNotFoundError, ConfigError
 
 MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
          'reproduce', 'sanity')
+# Modes that run in a multi-process job: training (sharded), and sampling (process 0
+# samples and writes, the others return).
+MULTI_PROCESS_MODES = ('train', 'sample')
 
 
 def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set[str],
@@ -40,6 +43,11 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
   `command_flags` (the --config path and the command line's --config.* overrides)
   are quoted in the ablation table's commands; `ablation_runs` / `ablation_samplers`
   restrict that table (all rows when empty)."""
+  if jax.process_count() > 1 and mode not in MULTI_PROCESS_MODES:
+    raise ConfigError(
+        f'--mode={mode} runs in one process (every process would sample the same images '
+        'and write one output folder); run it without --distributed, e.g. on one host '
+        f'after a multi-host training (multi-process modes: {", ".join(MULTI_PROCESS_MODES)})')
   if mode == 'train':
     return train(settings, workdir, overrides, should_stop)
   if mode == 'sample':

@@ -4,7 +4,7 @@ people can open (evaluation.reports), and scored (evaluation.metrics).
 Both write into a staging folder under a lock on the output folder and move it into
 place only when complete (utils.atomic), so a killed run never leaves a folder that
 mixes two runs, and two runs never write the same folder. In a multi-process job
-only process 0 samples and writes.
+only process 0 samples and writes (`sample`; `evaluate` is refused there: modes.run).
 """
 
 import dataclasses
