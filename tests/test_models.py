@@ -13,6 +13,7 @@ from cimd_jax.bench import model_bench
 from cimd_jax.models import build
 from cimd_jax.models import latent
 from cimd_jax.models import unet as unet_lib
+from cimd_jax.utils.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
@@ -183,6 +184,10 @@ def test_attention_placement_follows_config():
   names = {k for k in _unet_shapes(TINY.replace(attention_resolutions=()))
            if k.endswith('attn')}
   assert names == {'middle_attn'}
+  # A size that is no feature map (TINY's maps: 16, 8 px) would give no attention.
+  with pytest.raises(ConfigError, match=r'^model.attention_resolutions=\(4,\): expected '
+                                        r'feature-map sizes .* some of \(16, 8\)'):
+    _unet(TINY.replace(attention_resolutions=(4,)))
 
 
 def test_heads_from_num_head_channels(tiny):

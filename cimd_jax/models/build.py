@@ -84,12 +84,20 @@ class ModelArgs:
                 f'a divisor of every level width ({width} is not a multiple)')
 
   def check_image_size(self, image_size: int) -> None:
-    """Raises ConfigError unless the UNet's levels divide `image_size`."""
+    """Raises ConfigError unless the UNet's levels divide `image_size` and every
+    attention resolution is one of their feature-map sizes (one that is not would
+    silently give a UNet without that attention)."""
     levels = len(self.channel_mult)
     if image_size % 2 ** (levels - 1):
       ca.fail('data.image_size', image_size,
               f'a multiple of 2**{levels - 1} for the {levels} levels of '
               f'model.channel_mult={self.channel_mult}')
+    sizes = tuple(image_size // 2 ** k for k in range(levels))
+    for res in self.attention_resolutions:
+      if res not in sizes:
+        ca.fail('model.attention_resolutions', tuple(self.attention_resolutions),
+                f'feature-map sizes of the UNet at data.image_size={image_size}: some of '
+                f'{sizes} ({res} is none of them)')
 
   @property
   def has_latent_nets(self) -> bool:
