@@ -152,11 +152,9 @@ def test_ratio_and_roofline_account_for_hardware():
   assert common.roofline_fraction(150.0, 200.0, 1) == pytest.approx(0.75)
 
 
-def test_config_name_in_both_flag_forms(monkeypatch):
-  from cimd_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+def test_config_name_in_both_flag_forms():
+  from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
   for argv in (['bench', '--config', 'configs/test.py', '--what=model'],
                ['bench', '--config=configs/test.py']):
-    monkeypatch.setattr(sys, 'argv', argv)
-    assert bench_main._config_name() == 'test'   # pylint: disable=protected-access
-  monkeypatch.setattr(sys, 'argv', ['bench'])
-  assert bench_main._config_name() == 'lidc'   # pylint: disable=protected-access
+    assert common.config_name(argv) == 'test'
+  assert common.config_name(['bench', '--what=model']) == 'lidc'

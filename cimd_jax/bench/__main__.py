@@ -49,17 +49,6 @@ _TORCH_DIR = flags.DEFINE_string('torch_speed_dir', '',
                                  '../shared/reference/torch_speed or $CIMD_TORCH_SPEED).')
 
 
-def _config_name() -> str:
-  """The config file's name (`--config=PATH` or `--config PATH`), 'lidc' by default."""
-  args = sys.argv[1:]
-  for i, arg in enumerate(args):
-    if arg.startswith('--config='):
-      return os.path.basename(arg.split('=', 1)[1]).removesuffix('.py')
-    if arg == '--config' and i + 1 < len(args):
-      return os.path.basename(args[i + 1]).removesuffix('.py')
-  return 'lidc'
-
-
 def _emit(record: dict) -> None:
   if _JSON.value:
     print(json.dumps(record, default=float), flush=True)
@@ -105,7 +94,7 @@ def main(argv):
   from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from cimd_jax.bench import common  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  info = {'config': _config_name(), **common.machine_info()}
+  info = {'config': common.config_name(sys.argv), **common.machine_info()}
   what = _WHAT.value
   if what == 'model':
     from cimd_jax.bench import model_bench  # pylint: disable=g-import-not-at-top

@@ -138,3 +138,15 @@ def roofline_fraction(gflops_per_s: float, matmul_gflops: float, num_devices: in
   """The fraction of the in-run roofline reached: gflops_per_s counts the work of all
   `num_devices` devices, matmul_gflops is one device's rate."""
   return gflops_per_s / (matmul_gflops * num_devices)
+
+
+def config_name(argv: list[str]) -> str:
+  """The config file's name in a command line (`--config=PATH` or `--config PATH`),
+  'lidc' (the flag's default) when none is given."""
+  args = argv[1:]
+  for i, arg in enumerate(args):
+    if arg.startswith('--config='):
+      return os.path.basename(arg.split('=', 1)[1]).removesuffix('.py')
+    if arg == '--config' and i + 1 < len(args):
+      return os.path.basename(args[i + 1]).removesuffix('.py')
+  return 'lidc'
