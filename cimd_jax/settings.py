@@ -63,11 +63,13 @@ INPUT_IMAGE_KEYS = ('resize', 'percentile_low', 'percentile_high')
 # Keys that decide what a training run learns (beyond the network, which FROZEN_*
 # fixes): a finished run in a workdir was trained with its stored values, so a request
 # for other values there trains nothing with them (`changed_training_keys`).
+# Data keys that change where or how fast records are read, or only the test split.
+NOT_TRAINING_DATA_KEYS = ('tfds_dir', 'worker_count', 'synthetic_num_test')
 TRAINING_KEYS = (('objective', None),    # None: every key of the group
                  ('training', ('batch_size', 'ema_rate', 'grad_clip_norm', 'learning_rate',
                                'lr_schedule', 'seed', 'warmup_steps', 'weight_decay')),
                  ('data', tuple(k for k in GROUPS['data'].__dataclass_fields__
-                                if k not in ('tfds_dir', 'worker_count'))))
+                                if k not in NOT_TRAINING_DATA_KEYS)))
 # Model keys that change nothing stored in the checkpoint (how the same network is
 # computed), so they may differ from the checkpoint's.
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')

@@ -397,7 +397,7 @@ def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplo
   refused, naming the key and both values (before, the old model was reported under
   the new settings and config.json rewritten to claim them); with a larger num_steps
   the run continues with a warning; keys that only say how to run (num_steps,
-  eval_every, tfds_dir) change freely."""
+  eval_every, tfds_dir) or what to test on change freely."""
   from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
   trained = helpers.settings(training__num_steps=2)
@@ -418,7 +418,8 @@ def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplo
   assert any('objective.kl_weight=0.001 (trained with 1.0)' in r.getMessage()
              for r in caplog.records)
   same = helpers.settings(training__num_steps=2, training__eval_every=7,
-                          data__tfds_dir=str(tmp_path / 'elsewhere'))
+                          data__tfds_dir=str(tmp_path / 'elsewhere'),
+                          data__synthetic_num_test=9)      # the test split only
   assert modes.resume_settings(same, str(tmp_path), set()).training.eval_every == 7
 
 
