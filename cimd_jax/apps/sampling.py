@@ -162,9 +162,8 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   if not cases:
     raise InputError(f'nothing to sample: {source} has no usable images')
   out_dir = os.path.abspath(s.sampling.output_dir or os.path.join(workdir, 'samples', name))
-  atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,))
-  if not s.sampling.output_dir:   # the default folder: only an earlier run's of `source`
-    atomic.check_same_source(out_dir, 'manifest.json', source, 'sampling.output_dir')
+  atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,),
+                           None if s.sampling.output_dir else source)   # default: same source
   folders = reports.case_folder_names([c.case_id for c in cases])
   if jax.process_index() != 0:
     return out_dir

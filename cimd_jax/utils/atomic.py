@@ -54,28 +54,29 @@ def replace_refusal(final_dir: str, marker: str, protected: tuple[str, ...] = ()
   return None
 
 
-def check_replaceable(final_dir: str, marker: str, key: str, protected: tuple[str, ...] = ()
-                      ) -> None:
-  """Raises ConfigError naming `key` when `replace_refusal` refuses `final_dir`."""
+def check_replaceable(final_dir: str, marker: str, key: str, protected: tuple[str, ...] = (),
+                      source: str | None = None) -> None:
+  """Raises ConfigError naming `key` when `replace_refusal` refuses `final_dir`; with
+  `source` (a default output folder), also when the earlier output there, by its
+  `marker` JSON's 'source', came from another input that happens to share its name."""
   reason = replace_refusal(final_dir, marker, protected)
   if reason:
     raise ConfigError(f'{key} {os.path.abspath(final_dir)}: {reason}; expected a new '
                       f'folder or an earlier output (one with {marker})')
-
-
-def check_same_source(final_dir: str, marker: str, source: str, key: str) -> None:
-  """Raises ConfigError when `final_dir`'s `marker` JSON names another 'source' than
-  `source`: a default output folder (e.g. WORKDIR/samples/<name>) must not replace
-  the output of another input that happens to share its name."""
-  try:
-    with open(os.path.join(final_dir, marker)) as f:
-      old = json.load(f).get('source')
-  except (OSError, ValueError, AttributeError):
-    return
+  old = _marker_source(os.path.join(final_dir, marker)) if source is not None else None
   if old is not None and old != source:
     raise ConfigError(f'{key} (default) {os.path.abspath(final_dir)} holds the output of '
                       f'{old}, and this run reads {source}; set --config.{key} to another '
                       'folder')
+
+
+def _marker_source(path: str) -> str | None:
+  """The 'source' recorded in a marker JSON file, None when there is none."""
+  try:
+    with open(path) as f:
+      return json.load(f).get('source')
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 class StagedFolder:
