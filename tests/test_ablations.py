@@ -121,7 +121,7 @@ def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatc
 
   monkeypatch.setattr(sampling, 'evaluate_cases', fake_evaluate)
   table = ablations.run(helpers.settings(), str(tmp_path),
-                        lambda s, d: trained.append(os.path.basename(d)),
+                        lambda s, d: (trained.append(os.path.basename(d)), _save_step(d, 2)),
                         runs=('off-x0', 'trained-x0'), samplers=('ddim25',))
   # In the table's order (trained before off), whatever the order given.
   assert trained == ['trained-x0', 'off-x0']

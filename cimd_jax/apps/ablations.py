@@ -78,11 +78,11 @@ REUSE_KEYS = ('sampler', 'steps', 'ddim_eta', 'clip_variance', 'variance_transfe
               'num_samples', 'seed', 'split', 'max_images', 'use_ema')
 
 
-def _done(out_dir: str, requested: settings_lib.Settings, run_dir: str
+def _done(out_dir: str, requested: settings_lib.Settings, step: int
           ) -> dict[str, Any] | None:
   """The metrics of a finished evaluation in `out_dir` made with the requested
-  sampling (REUSE_KEYS) of the checkpoint `requested.sampling.checkpoint` now names
-  in `run_dir`; None (evaluate again) otherwise, with the first difference logged."""
+  sampling (REUSE_KEYS) of checkpoint `step` (the one sampling.checkpoint names now);
+  None (evaluate again) otherwise, with the differences logged."""
   try:
     with open(os.path.join(out_dir, 'manifest.json')) as f:
       manifest = json.load(f)
@@ -95,7 +95,6 @@ def _done(out_dir: str, requested: settings_lib.Settings, run_dir: str
   done = (manifest.get('config') or {}).get('sampling') or {}
   want = settings_lib.to_dict(requested)['sampling']
   differs = [k for k in REUSE_KEYS if done.get(k) != want[k]]
-  step = checkpoint.resolve_step(run_dir, requested.sampling.checkpoint)
   if manifest.get('checkpoint_step') != step:
     differs.append(f'checkpoint step ({manifest.get("checkpoint_step")} vs {step})')
   if differs:
@@ -144,12 +143,13 @@ def run(settings: settings_lib.Settings, workdir: str,
       run_dir = os.path.join(workdir, run_name(ambiguity, prediction))
       logging.info('Ablations: training %s', run_dir)
       train_fn(s, run_dir)
+      step = checkpoint.resolve_step(run_dir, s.sampling.checkpoint)
       for name, kind, steps in SAMPLERS:
         if samplers and name not in samplers:
           continue
         out_dir = os.path.join(run_dir, 'eval', name)
         requested = with_sampler(s, kind, steps, out_dir)
-        result = _done(out_dir, requested, run_dir)
+        result = _done(out_dir, requested, step)
         if result is None:
           logging.info('Ablations: evaluating %s with %s', run_dir, name)
           result = sampling.evaluate_cases(requested, run_dir, set())[1]
