@@ -42,9 +42,7 @@ def official_config(model: ModelArgs, image_size: int, image_channels: int,
   """'A' or 'B' when the configured model does the official script's work for `what`
   ('train': UNet + AMN + ACN; 'sample': the UNet), else None."""
   fixed = dict(_COMMON, **(_TRAIN if what == 'train' else {}))
-  if image_channels != 4 or any(
-      (tuple(v) if isinstance(v, (list, tuple)) else v) != want
-      for v, want in ((getattr(model, k), want) for k, want in fixed.items())):
+  if image_channels != 4 or any(getattr(model, k) != v for k, v in fixed.items()):
     return None
   for name, want in _CONFIGS.items():
     got = dict(image_size=image_size, num_channels=model.num_channels,
