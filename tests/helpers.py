@@ -35,3 +35,16 @@ def train_loop(s: settings_lib.Settings, workdir: str, **kwargs):
 def train_mode(s: settings_lib.Settings, workdir: str, overrides: set[str] = frozenset()):
   """What --mode=train runs (lock, reconciliation with the checkpoint, loop)."""
   return modes.train(s, str(workdir), set(overrides))
+
+
+def save_stand_in_checkpoint(workdir, step: int, stored: settings_lib.Settings | None = None,
+                             metrics: dict[str, float] | None = None) -> None:
+  """A checkpoint at `step` with a stand-in state, the configuration of `stored` (if
+  given) and `metrics`: what a training leaves in WORKDIR, without training."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cimd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  manager = checkpoint.make_manager(str(workdir), keep=5, best=True)
+  config = settings_lib.to_dict(stored) if stored is not None else {}
+  checkpoint.save(manager, step, {'w': jnp.zeros((2,))}, None, config, metrics)
+  manager.wait_until_finished()
+  manager.close()

@@ -31,14 +31,9 @@ def _fake_result(ci, all_foreground=True):
 
 
 def _save_step(run_dir, step):
-  """A checkpoint folder at `step` (a stand-in state): what a finished training leaves."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if step in checkpoint.complete_steps(run_dir):
-    return                                  # already trained (a resumed run trains nothing)
-  manager = checkpoint.make_manager(run_dir, keep=5)
-  checkpoint.save(manager, step, {'w': jnp.zeros((1,))}, None, {})
-  manager.wait_until_finished()
-  manager.close()
+  """What a training to `step` leaves (nothing new when that step is there already)."""
+  if step not in checkpoint.complete_steps(run_dir):
+    helpers.save_stand_in_checkpoint(run_dir, step)
 
 
 def _recording_evaluate(evaluated):

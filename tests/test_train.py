@@ -367,17 +367,10 @@ def test_resuming_keeps_the_metric_the_checkpoints_are_ranked_by(tmp_path):
   """Checkpoints scored by -GED cannot be ranked with later ones scored by +CI (the
   better one would be deleted): resuming follows the stored best_metric, refuses an
   explicit other one, and is free to change it while no step holds a score."""
-  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
 
-  def save(workdir, metrics):
-    stored = settings_lib.to_dict(helpers.settings(training__best_metric='ged'))
-    manager = checkpoint.make_manager(str(workdir), keep=3, best=True)
-    checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, stored, metrics)
-    manager.wait_until_finished()
-    manager.close()
-
-  save(tmp_path / 'scored', {checkpoint.BEST_KEY: -1.17})
+  ged = helpers.settings(training__best_metric='ged')
+  helpers.save_stand_in_checkpoint(tmp_path / 'scored', 2, ged, {checkpoint.BEST_KEY: -1.17})
   resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
                                   str(tmp_path / 'scored'), set())
   assert resumed.training.best_metric == 'ged'
@@ -385,7 +378,7 @@ def test_resuming_keeps_the_metric_the_checkpoints_are_ranked_by(tmp_path):
                                         r"ranked by 'ged'"):
     modes.resume_settings(helpers.settings(training__best_metric='ci'),
                           str(tmp_path / 'scored'), {'training.best_metric'})
-  save(tmp_path / 'unscored', None)
+  helpers.save_stand_in_checkpoint(tmp_path / 'unscored', 2, ged)
   resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
                                   str(tmp_path / 'unscored'), {'training.best_metric'})
   assert resumed.training.best_metric == 'ci'
@@ -398,13 +391,8 @@ def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplo
   the new settings and config.json rewritten to claim them); with a larger num_steps
   the run continues with a warning; keys that only say how to run (num_steps,
   eval_every, tfds_dir) or what to test on change freely."""
-  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
-  trained = helpers.settings(training__num_steps=2)
-  manager = checkpoint.make_manager(str(tmp_path), keep=3)
-  checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, settings_lib.to_dict(trained))
-  manager.wait_until_finished()
-  manager.close()
+  helpers.save_stand_in_checkpoint(tmp_path, 2, helpers.settings(training__num_steps=2))
   other = helpers.settings(training__num_steps=2, objective__kl_weight=0.001,
                            training__seed=3)
   with pytest.raises(ConfigError, match=r'finished training \(step 2 of training.num_steps=2\)'
@@ -428,13 +416,9 @@ def test_resume_refuses_another_data_order_and_warns_about_the_schedule(tmp_path
   position skip or repeat examples (refused, naming the key); a cosine decay rebuilt
   over another num_steps, and a num_steps below the checkpoint's step, are named in
   warnings."""
-  from cimd_jax import settings as settings_lib   # pylint: disable=g-import-not-at-top
   from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
-  trained = helpers.settings(training__num_steps=8, training__lr_schedule='cosine')
-  manager = checkpoint.make_manager(str(tmp_path), keep=3)
-  checkpoint.save(manager, 2, {'w': jnp.zeros((2,))}, None, settings_lib.to_dict(trained))
-  manager.wait_until_finished()
-  manager.close()
+  helpers.save_stand_in_checkpoint(
+      tmp_path, 2, helpers.settings(training__num_steps=8, training__lr_schedule='cosine'))
   for key, value in (('training__batch_size', 8), ('data__synthetic_seed', 99)):
     other = helpers.settings(training__num_steps=8, training__lr_schedule='cosine',
                              **{key: value})
