@@ -40,7 +40,7 @@ shift || true
 case "$cmd" in
   demo)
     exec "$VENV/bin/python" -m cimd_jax.main --mode=demo \
-      --config=configs/synthetic.py --workdir="${WORKDIR:-runs/demo}" "$@"
+      --config=configs/demo.py --workdir="${WORKDIR:-runs/demo}" "$@"
     ;;
   test)
     # The launch-script test runs shellcheck; install it from Debian if we can.

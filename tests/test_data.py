@@ -3,6 +3,7 @@
 Datasets are prepared once per session (session-scoped fixtures in temporary dirs).
 """
 
+import collections
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import LIDC_SAMPLE
 from cimd_jax.data import DataArgs
 from cimd_jax.data import folder
+from cimd_jax.data import in_memory
 from cimd_jax.data import pipeline
 from cimd_jax.data import records
 from cimd_jax.data import synthetic
@@ -381,6 +383,52 @@ def test_expert_draws_vary_per_epoch_and_are_uniform(syn):
   assert np.mean([len(set(v)) for v in drawn.values()]) > 2.5
   counts = np.bincount(np.concatenate([b['expert'] for b in batches]), minlength=4)
   assert np.all(np.abs(counts - 120) < 4 * np.sqrt(480 * 0.25 * 0.75))
+
+
+def test_in_memory_split_gives_the_files_batches(syn, monkeypatch):
+  """A split held in memory (data.in_memory) yields exactly the batches read from the
+  files, over two epochs, and resumes from the same state."""
+  args, workdir, _ = syn
+  source = pipeline._source(args, workdir, 'train')
+  held = in_memory.maybe_in_memory(source)
+  assert isinstance(held, in_memory.InMemorySource) and len(held) == len(source) == 48
+  for i in (0, 17, 47):
+    assert set(held[i]) == set(source[i])
+    for k in source[i]:
+      np.testing.assert_array_equal(held[i][k], source[i][k])
+  reads = []
+
+  class Counting:   # the split's source, counting reads by record index
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      reads.append(i)
+      return source[i]
+
+  monkeypatch.setattr(pipeline, '_source', lambda *a: Counting())
+  cached = pipeline.train_iterator(args, workdir, 8)
+  from_memory = _take(cached, 12)                           # two epochs
+  assert sorted(reads) == [0] + list(range(48))             # size probe, then once each
+  reads.clear()
+  from_files = _take(pipeline.train_iterator(args, workdir, 8, in_memory_max_bytes=0), 12)
+  assert min(collections.Counter(reads)[i] for i in range(48)) >= 2   # once per epoch
+  _same(from_memory, from_files)
+  resumed = pipeline.train_iterator(args, workdir, 8, in_memory_max_bytes=0)
+  resumed.set_state(json.loads(json.dumps(cached.get_state())))
+  _same(_take(resumed, 2), _take(cached, 2))
+
+
+def test_in_memory_only_below_its_size_cap():
+  records = [{'image': np.zeros((4, 4), np.float32), 'masks': np.zeros((2, 4, 4), np.uint8),
+              'case_id': b'c'} for _ in range(10)]
+  per_record = 64 + 32 + 1
+  assert in_memory.record_bytes(records[0]) == per_record
+  assert isinstance(in_memory.maybe_in_memory(records, 10 * per_record),
+                    in_memory.InMemorySource)
+  assert in_memory.maybe_in_memory(records, 10 * per_record - 1) is records
+  assert in_memory.maybe_in_memory(records, 0) is records
+  assert in_memory.maybe_in_memory([], 1000) == []
 
 
 def test_train_iterator_state_resumes_exact_sequence(syn):

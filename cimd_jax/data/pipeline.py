@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from cimd_jax.data import folder
+from cimd_jax.data import in_memory
 from cimd_jax.data import lidc_hdf5
 from cimd_jax.data import lidc_pickle
 from cimd_jax.data import nifti
@@ -140,11 +141,14 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 def train_dataset(args: DataArgs, workdir: str, global_batch_size: int,
                   process_index: int = 0, process_count: int = 1,
-                  split: str = TRAIN) -> grain.IterDataset:
-  """The training pipeline as a grain IterDataset (see the module docstring)."""
+                  split: str = TRAIN,
+                  in_memory_max_bytes: int = in_memory.DEFAULT_MAX_BYTES
+                  ) -> grain.IterDataset:
+  """The training pipeline as a grain IterDataset (see the module docstring); a split
+  whose decoded records fit in `in_memory_max_bytes` is decoded once (data.in_memory)."""
   _check_process(process_index, process_count)
   batch = local_batch_size(global_batch_size, process_count)
-  source = _source(args, workdir, split)
+  source = in_memory.maybe_in_memory(_source(args, workdir, split), in_memory_max_bytes)
   ds = grain.MapDataset.source(source)
   if len(ds) < process_count:
     raise records.DataError(f'split {split!r} has {len(ds)} examples, fewer than the '
@@ -152,7 +156,8 @@ def train_dataset(args: DataArgs, workdir: str, global_batch_size: int,
   # One global stream for all processes (same shuffle, same expert draws), cut into
   # chunks of the local batch size; process p takes chunks p, p + P, p + 2P, ...
   # so its k-th batch is exactly rows [p*B, (p+1)*B) of global batch k, whatever the
-  # number of processes. Only this process's records are read.
+  # number of processes. Only this process's records are read (all of them, once,
+  # where the split is small enough to be held in memory).
   ds = ds.shuffle(seed=args.seed).repeat(None)
   ds = ds.random_map(_DrawExpert(), seed=args.seed + 1)
   ds = ds.batch(batch, drop_remainder=True)
@@ -169,14 +174,16 @@ def train_dataset(args: DataArgs, workdir: str, global_batch_size: int,
 
 def train_iterator(args: DataArgs, workdir: str, global_batch_size: int,
                    process_index: int = 0, process_count: int = 1,
-                   split: str = TRAIN) -> grain.DatasetIterator:
+                   split: str = TRAIN,
+                   in_memory_max_bytes: int = in_memory.DEFAULT_MAX_BYTES
+                   ) -> grain.DatasetIterator:
   """An endless iterator of this process's training batches (module docstring).
 
   Returns:
     grain DatasetIterator; `get_state()` -> JSON-serialisable dict, `set_state(d)`.
   """
   return iter(train_dataset(args, workdir, global_batch_size, process_index,
-                            process_count, split))
+                            process_count, split, in_memory_max_bytes))
 
 
 def _eval_example(record: dict[str, Any]) -> dict[str, Any]:
