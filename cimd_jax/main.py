@@ -1,7 +1,7 @@
 r"""Entry point: train, sample, evaluate, run the demo, compare samplers, run the
 ablations, reproduce the paper-style LIDC table, or the real-data sanity check.
 
-  python -m cimd_jax.main --config=configs/synthetic.py --workdir=runs/demo \
+  python -m cimd_jax.main --config=configs/demo.py --workdir=runs/demo \
       --mode=train --config.training.num_steps=200
   cimd-jax --config=configs/lidc.py --workdir=runs/lidc --mode=evaluate
 
