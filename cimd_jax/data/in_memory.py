@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 # Decoded splits up to this size are held in memory (the demo's 2,000 training records:
-# ≈ 20 MiB; LIDC-sized splits exceed it and stay on disk).
+# 16 MiB; LIDC-sized splits exceed it and stay on disk).
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
