@@ -12,6 +12,7 @@ import pytest
 from cimd_jax import checkpoint
 from cimd_jax import settings as settings_lib
 from cimd_jax.apps import ablations
+from cimd_jax.apps import modes
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
 from cimd_jax.models.build import AMBIGUITY_MODES
@@ -124,6 +125,44 @@ def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatc
   rows = [l for l in table.splitlines() if l.startswith('| ') and l[2].isdigit()]
   assert len(rows) == 2 and '| trained | x0 | ddim25 |' in rows[0]
   assert '| — |' in rows[0]
+
+
+def test_a_stopped_training_ends_the_ablations_without_evaluating(tmp_path, monkeypatch):
+  """A stop request during a row's training (train_fn returns False) evaluated the
+  half-trained model and went on to the next rows; now nothing more runs and no table
+  is written."""
+  trained, evaluated = [], []
+  monkeypatch.setattr(sampling, 'evaluate_cases', _recording_evaluate(evaluated))
+
+  def stopped_train(s, d):
+    trained.append(os.path.basename(d))
+    _save_step(d, 1)
+    return False
+
+  result = ablations.run(helpers.settings(), str(tmp_path), stopped_train,
+                         runs=('trained-x0', 'off-x0'), samplers=('ddim25',))
+  assert result is None and trained == ['trained-x0'] and not evaluated
+  assert not os.path.exists(tmp_path / 'ablations.md')
+
+
+def test_ablations_mode_stops_with_its_training(tmp_path, monkeypatch):
+  """Through modes.run: each row trains with train_to_end, whose False (a stop request
+  ended the training) ends the mode there; it evaluated the half-trained model, then
+  trained the next row."""
+  evaluated, trained = [], []
+  monkeypatch.setattr(sampling, 'evaluate_cases', _recording_evaluate(evaluated))
+
+  def stopped(s, run_dir, overrides, should_stop):
+    del s, overrides
+    trained.append((os.path.basename(run_dir), should_stop(1)))
+    _save_step(run_dir, 1)
+    return False
+
+  monkeypatch.setattr(modes, 'train_to_end', stopped)
+  result = modes.run('ablations', helpers.settings(), str(tmp_path), set(),
+                     should_stop=lambda step: True,
+                     ablation_runs=('trained-x0', 'off-x0'), ablation_samplers=('ddim25',))
+  assert result is None and trained == [('trained-x0', True)] and not evaluated
 
 
 @pytest.mark.parametrize('runs,samplers,named', [

@@ -23,6 +23,7 @@ from PIL import Image
 from cimd_jax import checkpoint
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
+from cimd_jax.utils import job
 from cimd_jax.utils.errors import ConfigError, DivergenceError
 from tests import helpers
 from tests.conftest import ROOT
@@ -235,6 +236,38 @@ def _labelled_folder(root, names, size=16, annotators=3):
         Image.fromarray((rng.random((size, size)) > 0.7).astype(np.uint8) * 255).save(
             os.path.join(case, f'label{i}_.png'))
   return str(root)
+
+
+_BUSY_PROCESS = """
+import sys, time
+from cimd_jax.utils import job
+job.JobGuard(grace_s=120, poll_s=0.1).install()
+print('ready', flush=True)
+start = time.time()
+while time.time() - start < 60:   # never asks should_stop (as an evaluation does not)
+  time.sleep(0.05)
+sys.exit(0)
+"""
+
+
+def test_a_second_sigterm_stops_at_once():
+  """The first SIGTERM asks for a stop (a process that never polls keeps running until
+  the grace period), and so does the same request delivered twice within 2 s; the log
+  promises that sending it again stops at once: it did not."""
+  proc = subprocess.Popen([sys.executable, '-c', _BUSY_PROCESS], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == 'ready'
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)               # delivered twice (process + group)
+    time.sleep(1.0)
+    assert proc.poll() is None                     # still running: one stop request
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == job.EXIT_STOPPED
+    assert 'SIGTERM received again' in proc.stderr.read()
+  finally:
+    proc.kill()
 
 
 def test_colliding_case_names_get_their_own_folders(trained, tmp_path):

@@ -129,10 +129,12 @@ def commands(config_file: str, workdir: str, ambiguity: str, prediction: str, sa
 def run(settings: settings_lib.Settings, workdir: str,
         train_fn: Callable[[settings_lib.Settings, str], Any],
         config_file: str = 'configs/synthetic.py', extra_flags: str = '',
-        runs: tuple[str, ...] = (), samplers: tuple[str, ...] = ()) -> str:
+        runs: tuple[str, ...] = (), samplers: tuple[str, ...] = ()) -> str | None:
   """Trains and evaluates every row (reusing finished work), or those of the `runs`
   and `samplers` named (all when empty); writes and returns the markdown table
-  WORKDIR/ablations.md. `train_fn(settings, run_dir)` trains."""
+  WORKDIR/ablations.md. `train_fn(settings, run_dir)` trains; when it returns False
+  (a stop request ended the training early) nothing more is trained or evaluated,
+  no table is written, and None is returned: the same command resumes."""
   check_selection(runs, samplers)
   rows = []
   for ambiguity in AMBIGUITY_MODES:
@@ -142,7 +144,10 @@ def run(settings: settings_lib.Settings, workdir: str,
       s = variant(settings, ambiguity, prediction)
       run_dir = os.path.join(workdir, run_name(ambiguity, prediction))
       logging.info('Ablations: training %s', run_dir)
-      train_fn(s, run_dir)
+      if train_fn(s, run_dir) is False:
+        logging.warning('Ablations: stopped while training %s; nothing evaluated, no table '
+                        'written (run the same command to resume)', run_dir)
+        return None
       step = checkpoint.resolve_step(run_dir, s.sampling.checkpoint)
       for name, kind, steps in SAMPLERS:
         if samplers and name not in samplers:

@@ -63,7 +63,7 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
   if mode == 'ablations':
     from cimd_jax.apps import ablations  # pylint: disable=g-import-not-at-top
     return ablations.run(settings, workdir,
-                         lambda s, run_dir: train(s, run_dir, set(), should_stop),
+                         lambda s, run_dir: train_to_end(s, run_dir, set(), should_stop),
                          config_file or 'CONFIG', command_flags,
                          runs=ablation_runs, samplers=ablation_samplers)
   if mode in ('reproduce', 'sanity'):

@@ -4,7 +4,10 @@
 
 * SIGTERM (what SLURM and `kill` send) or a first Ctrl-C (SIGINT) *requests a stop*:
   the training loop polls `should_stop()` between steps, saves a checkpoint and
-  returns; a second Ctrl-C interrupts at once. Signals are noticed by a watchdog
+  returns; a second Ctrl-C interrupts at once, and so does a second SIGTERM sent at
+  least `repeat_s` (2 s) after the first (status 143; the watchdog sees it, so it
+  works while the main thread is inside XLA; one sent sooner is taken for the same
+  request delivered twice, as a scheduler signalling the process and its group does). Signals are noticed by a watchdog
   thread through `signal.set_wakeup_fd`, so they count even while the main thread
   is blocked inside a collective or a long XLA call: if the process has not
   finished `grace_s` seconds after the request, the watchdog exits it (status 143).
@@ -45,12 +48,13 @@ def _client():
 class JobGuard:
   """See the module docstring. `install()` must run on the main thread."""
 
-  def __init__(self, grace_s: float = 120.0, poll_s: float = 0.5):
-    self.grace_s, self.poll_s = grace_s, poll_s
+  def __init__(self, grace_s: float = 120.0, poll_s: float = 0.5, repeat_s: float = 2.0):
+    self.grace_s, self.poll_s, self.repeat_s = grace_s, poll_s, repeat_s
     self._stop = threading.Event()
     self._stop_time: float | None = None
     self._read_fd: int | None = None
     self._sigint_count = 0
+    self._first_sigterm: float | None = None  # when the watchdog saw the first SIGTERM
     self._armed = False      # watch the other processes (after jax.distributed is up)
     self._disarmed = False
     self._lost_contact = 0
@@ -200,6 +204,13 @@ class JobGuard:
           data = b''
         for signum in data:
           if signum == signal.SIGTERM:
+            now = time.monotonic()
+            if self._first_sigterm is None:
+              self._first_sigterm = now
+            elif now - self._first_sigterm >= self.repeat_s:
+              sys.stderr.write('cimd_jax: SIGTERM received again; exiting now\n')
+              sys.stderr.flush()
+              os._exit(EXIT_STOPPED)  # pylint: disable=protected-access
             self._stop_time = self._stop_time or time.monotonic()
             self._stop.set()
             self._publish(STOP_KEY, 'SIGTERM')
