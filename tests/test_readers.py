@@ -8,6 +8,7 @@ the values are compared with a direct numpy computation.
 
 import dataclasses
 import io
+import logging
 import json
 import os
 import pickle
@@ -18,8 +19,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import helpers
 from tests.conftest import LIDC_SAMPLE
 from configs import default as default_config
+from cimd_jax.apps import sampling
 from cimd_jax.data import DataArgs
 from cimd_jax.data import folder
 from cimd_jax.data import image_folder
@@ -27,6 +30,7 @@ from cimd_jax.data import lidc_hdf5
 from cimd_jax.data import lidc_pickle
 from cimd_jax.data import nifti
 from cimd_jax.data import pipeline
+from cimd_jax.data import provenance
 from cimd_jax.data import splits
 from cimd_jax.data.records import DataError
 
@@ -253,6 +257,40 @@ def test_pickle_split_file_is_obeyed(tmp_path):
   other = dataclasses.replace(args, seed=9, test_fraction=0.5)
   assert (lidc_pickle.make_builder(other, str(tmp_path / 'tfds')).data_path
           == lidc_pickle.make_builder(args, str(tmp_path / 'tfds')).data_path)
+
+
+def test_sampling_data_changed_since_training_is_named(tmp_path, caplog):
+  """A pickle added to the folder after training redraws every split (patients the
+  model trained on can land in the test split): sampling a split then warns, naming
+  the data; the records it was trained on do not."""
+  root = _write_pickles(tmp_path / 'src', _small_records(num_patients=10), num_files=1)
+  s = helpers.settings(str(tmp_path / 'tfds'), data__name='lidc_pickle', data__source_dir=root,
+                       data__image_size=16, data__num_annotators=2)
+  args, run = s.data, str(tmp_path / 'run')
+  os.makedirs(run)
+  assert provenance.check_sampling(args, run, 'test')            # nothing recorded yet
+  provenance.record_training(args, run)
+  provenance.record_training(args, run)
+  assert provenance.trained_on(run) == [pipeline.records_name(args, run)]
+  with caplog.at_level(logging.WARNING):
+    assert provenance.check_sampling(args, run, 'test')
+  assert not caplog.records
+  more = {k.replace('p', 'q', 1): dict(v, series_uid=v['series_uid'] + 'b')
+          for k, v in _small_records(num_patients=10, seed=1).items()}
+  with open(os.path.join(root, 'part_more.pickle'), 'wb') as fh:
+    pickle.dump(more, fh, protocol=4)
+  with caplog.at_level(logging.WARNING):
+    cases = sampling.dataset_cases(s, run)                       # what sample/evaluate read
+  assert cases and not provenance.check_sampling(args, run, 'test')
+  assert len(caplog.records) == 2 and root in caplog.records[0].getMessage()
+  assert "'test' split" in caplog.records[0].getMessage()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    provenance.record_training(args, run)                        # a resume on the new data
+  assert 'training continues on other records' in caplog.records[0].getMessage()
+  assert len(provenance.trained_on(run)) == 2 and provenance.check_sampling(args, run, 'test')
+  synthetic = DataArgs(name='synthetic', image_size=16, num_annotators=2)
+  assert provenance.check_sampling(synthetic, run, 'test')       # generated: not checked
 
 
 def _edit(key, **changes):

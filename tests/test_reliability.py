@@ -22,6 +22,8 @@ from PIL import Image
 
 from cimd_jax import checkpoint
 from cimd_jax.apps import sampling
+from cimd_jax.data import pipeline
+from cimd_jax.data import provenance
 from cimd_jax.evaluation import reports
 from cimd_jax.utils import job
 from cimd_jax.utils.errors import ConfigError, DivergenceError
@@ -79,6 +81,8 @@ def trained(tmp_path_factory):
   base = tmp_path_factory.mktemp('reliability')
   s = helpers.settings(base / 'tfds', training__num_steps=2, training__checkpoint_every=2)
   helpers.train_mode(s, base / 'run')
+  assert provenance.trained_on(str(base / 'run')) == [
+      pipeline.records_name(s.data, str(base / 'run'))]      # what the training ran on
   return base / 'run', base / 'tfds'
 
 

@@ -23,6 +23,7 @@ import jax
 
 from cimd_jax import checkpoint
 from cimd_jax import settings as settings_lib
+from cimd_jax.data import provenance
 from cimd_jax.inference import restore
 from cimd_jax.train import loop
 from cimd_jax.utils import locking
@@ -178,6 +179,7 @@ def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
     if jax.process_index() == 0:
       from cimd_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
       reports.write_json(os.path.join(workdir, 'config.json'), config)
+      provenance.record_training(settings.data, workdir)
     s = settings
     return loop.train_and_evaluate(
         workdir, data=s.data, model=s.model, diffusion=s.diffusion, objective=s.objective,

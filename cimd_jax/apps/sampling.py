@@ -18,6 +18,7 @@ import tqdm
 
 from cimd_jax.data import image_folder
 from cimd_jax.data import pipeline
+from cimd_jax.data import provenance
 from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
 from cimd_jax.evaluation import reports
@@ -68,7 +69,7 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
 
 def dataset_cases(settings: settings_lib.Settings, workdir: str) -> list[Case]:
   """The cases of sampling.split (its first sampling.max_images), all experts."""
-  pipeline.prepare(settings.data, workdir)
+  provenance.prepare_for_sampling(settings.data, workdir, settings.sampling.split)
   batches = pipeline.eval_batches(settings.data, workdir, settings.sampling.split,
                                   batch_size=8, max_examples=settings.sampling.max_images)
   cases = []

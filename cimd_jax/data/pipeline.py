@@ -66,6 +66,13 @@ def _builder(args: DataArgs, workdir: str):
   return _READERS[args.name].make_builder(args, args.cache_dir(workdir))
 
 
+def records_name(args: DataArgs, workdir: str) -> str:
+  """The prepared records' name: '<shape>_<hash of every parameter that changes the
+  records>' (for data on disk: file names, sizes and times, the split file's content,
+  the split settings). Lists and stats the files; reads no record."""
+  return _builder(args, workdir).builder_config.name
+
+
 def prepare(args: DataArgs, workdir: str) -> dict[str, int]:
   """Writes the dataset's ArrayRecord files once (later calls reuse them).
 
