@@ -61,6 +61,7 @@ def test_staged_folder_replaces_the_old_output_only_on_commit(tmp_path):
     ['x', 'x', 'x'],
     ['../up', 'ok', '.hidden', ''],
     ['case/1', 'case_1', 'case 1'],
+    ['Case1', 'case1', 'CASE1'],
 ])
 def test_case_folder_names_are_distinct_and_safe(ids):
   names = reports.case_folder_names(ids)
@@ -73,6 +74,10 @@ def test_case_folder_names_are_distinct_and_safe(ids):
     assert names[1] == 'a_b'
   if ids == ['x', 'x', 'x']:
     assert names == ['x', 'x-2', 'x-3']
+  # One folder each on a case-insensitive file system (macOS, Windows) too.
+  assert len({n.lower() for n in names}) == len(ids)
+  if ids == ['Case1', 'case1', 'CASE1']:
+    assert names == ['Case1', 'case1-2', 'CASE1-3']
 
 
 def test_only_an_earlier_output_or_a_new_folder_may_be_replaced(tmp_path):

@@ -33,7 +33,9 @@ def case_folder_names(case_ids: list[str]) -> list[str]:
   A case id made only of letters, digits, '-', '_' and '.' (and not starting with
   '.') is its own folder name. Any other id (spaces, '?', '/', ...) is made safe by
   replacing those characters with '_' and appending '-' and 8 hex digits of its
-  SHA-1, so 'a b', 'a?b' and 'a_b' get three folders. Repeated ids get '-2', '-3'.
+  SHA-1, so 'a b', 'a?b' and 'a_b' get three folders. Repeated ids get '-2', '-3',
+  and so do ids that differ only in case ('Case1', 'case1'): on a case-insensitive
+  file system (macOS, Windows) they would share one folder.
   """
   names, seen = [], set()
   for cid in case_ids:
@@ -45,10 +47,10 @@ def case_folder_names(case_ids: list[str]) -> list[str]:
       base = ''.join(c if c in _SAFE else '_' for c in cid).lstrip('.') or 'case'
       name = f'{base[:80]}-{hashlib.sha1(cid.encode()).hexdigest()[:8]}'
     candidate, k = name, 1
-    while candidate in seen:
+    while candidate.lower() in seen:
       k += 1
       candidate = f'{name}-{k}'
-    seen.add(candidate)
+    seen.add(candidate.lower())
     names.append(candidate)
   return names
 
