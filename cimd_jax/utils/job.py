@@ -7,10 +7,11 @@
   returns; a second Ctrl-C interrupts at once, and so does a second SIGTERM sent at
   least `repeat_s` (2 s) after the first (status 143; the watchdog sees it, so it
   works while the main thread is inside XLA; one sent sooner is taken for the same
-  request delivered twice, as a scheduler signalling the process and its group does). Signals are noticed by a watchdog
-  thread through `signal.set_wakeup_fd`, so they count even while the main thread
-  is blocked inside a collective or a long XLA call: if the process has not
-  finished `grace_s` seconds after the request, the watchdog exits it (status 143).
+  request delivered twice, as a scheduler signalling the process and its group
+  does). Signals are noticed by a watchdog thread through `signal.set_wakeup_fd`, so
+  they count even while the main thread is blocked inside a collective or a long
+  XLA call: if the process has not finished `grace_s` seconds after the request,
+  the watchdog exits it (status 143).
 * In a multi-process job the request is published in the JAX coordination
   service's key-value store, so every process stops at the same step
   (`should_stop()` agrees across processes through a small all-gather).
