@@ -266,7 +266,7 @@ def test_a_second_sigterm_stops_at_once():
     proc.send_signal(signal.SIGTERM)               # delivered twice (process + group)
     time.sleep(1.0)
     assert proc.poll() is None                     # still running: one stop request
-    time.sleep(1.5)
+    time.sleep(2.5)                                # > repeat_s, with room for a slow watchdog
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == job.EXIT_STOPPED
     assert 'SIGTERM received again' in proc.stderr.read()
