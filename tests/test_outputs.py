@@ -80,6 +80,22 @@ def test_case_folder_names_are_distinct_and_safe(ids):
     assert names == ['Case1', 'case1-2', 'CASE1-3']
 
 
+def test_a_file_written_atomically_is_complete_or_untouched(tmp_path, monkeypatch):
+  """A write that dies before its rename leaves the earlier file as it was (config.json,
+  reports and data_records.json all go through atomic.write_text / reports.write_json)."""
+  path = tmp_path / 'config.json'
+  reports.write_json(str(path), {'a': 1})
+  assert json.loads(path.read_text()) == {'a': 1}
+
+  def killed(src, dst):
+    raise OSError('killed before the rename')
+
+  monkeypatch.setattr(os, 'replace', killed)
+  with pytest.raises(OSError):
+    reports.write_json(str(path), {'a': 2, 'b': 'x' * 10000})
+  assert json.loads(path.read_text()) == {'a': 1}
+
+
 def test_only_an_earlier_output_or_a_new_folder_may_be_replaced(tmp_path):
   """A commit deletes what is at final_dir: refused for the workdir and the folders
   above it, a file, and a folder of other files; allowed for a new folder, an empty

@@ -19,6 +19,7 @@ from absl import logging
 
 from cimd_jax.data import pipeline
 from cimd_jax.data.args import DataArgs
+from cimd_jax.utils import atomic
 
 FILE = 'data_records.json'
 
@@ -43,10 +44,8 @@ def record_training(args: DataArgs, workdir: str) -> None:
     logging.warning('%s: training continues on other records than it started on (%s: %s, '
                     'then %s): the data or split file changed; the splits may differ',
                     workdir, _source(args), ', '.join(names), name)
-  path = os.path.join(workdir, FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'records': names + [name]}, f, indent=1)
-  os.replace(path + '.tmp', path)
+  atomic.write_text(os.path.join(workdir, FILE),
+                    json.dumps({'records': names + [name]}, indent=1))
 
 
 def check_sampling(args: DataArgs, workdir: str, split: str) -> bool:

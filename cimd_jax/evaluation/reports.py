@@ -22,6 +22,7 @@ from PIL import Image
 
 from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
+from cimd_jax.utils import atomic
 from cimd_jax.utils import figures
 
 _SAFE = set('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.')
@@ -86,22 +87,18 @@ def read_case_masks(case_dir: str) -> np.ndarray:
 
 
 def write_json(path: str, content: dict[str, Any]) -> None:
-  with open(path, 'w') as f:
-    json.dump(content, f, indent=2, sort_keys=True, default=str)
+  """`content` as indented JSON at `path`, complete or absent (atomic.write_text)."""
+  atomic.write_text(path, json.dumps(content, indent=2, sort_keys=True, default=str))
 
 
 def write_report(workdir: str, name: str, table: str, content: dict[str, Any]) -> str:
-  """WORKDIR/report/<name>.json (`content`) and <name>.md (`table`); each file is
-  written beside its place and renamed into it, so none is ever half-written. Returns
-  the .md path."""
+  """WORKDIR/report/<name>.json (`content`) and <name>.md (`table`), each complete
+  or absent (atomic.write_text). Returns the .md path."""
   report_dir = os.path.join(workdir, 'report')
   os.makedirs(report_dir, exist_ok=True)
   json_path, md_path = (os.path.join(report_dir, f'{name}.{ext}') for ext in ('json', 'md'))
-  write_json(json_path + '.tmp', content)
-  with open(md_path + '.tmp', 'w') as f:
-    f.write(table + '\n')
-  os.replace(json_path + '.tmp', json_path)
-  os.replace(md_path + '.tmp', md_path)
+  write_json(json_path, content)
+  atomic.write_text(md_path, table + '\n')
   return md_path
 
 

@@ -10,7 +10,7 @@ no old metrics.json beside new masks). `check_replaceable` refuses, before any
 work, a `final_dir` that is not an earlier output (the workdir, a parent folder, a
 folder of other files), which a commit would delete. Use StagedFolder under a
 `locking.FolderLock` on the same output so that no other live process owns a
-staging folder.
+staging folder. `write_text` does the same for one file.
 """
 
 import glob
@@ -21,6 +21,14 @@ import shutil
 from absl import logging
 
 from cimd_jax.utils.errors import ConfigError
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path + '.tmp'` and renames it to `path`: the file is complete
+  or absent, never half-written."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def staging_prefix(final_dir: str) -> str:
