@@ -139,6 +139,26 @@ def test_official_config_is_named_only_for_the_official_work():
   assert torch_reference.official_config(off, 64, 4, 'sample') == 'B'
 
 
+def test_torch_ratio_names_the_ambiguity_override(monkeypatch):
+  """Config A with the AMN/ACN off differs from the official training work only by
+  model.ambiguity: the bench says so and names the flag that restores it, and runs
+  no torch script for it."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from cimd_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  from cimd_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(torch_reference, 'run', lambda *a, **k: pytest.fail('ran torch'))
+  a = settings_lib.from_config(settings_lib.load_config_file(
+      os.path.join(ROOT, 'configs', 'lidc.py')))
+  a = dataclasses.replace(a, data=dataclasses.replace(a.data, image_channels=4))
+  off = dataclasses.replace(a, model=dataclasses.replace(a.model, ambiguity='off'))
+  out = bench_main._torch_ratio(off, 'train', {'batch': 4})  # pylint: disable=protected-access
+  assert '--config.model.ambiguity=trained' in out['torch_reference']
+  other = dataclasses.replace(off, model=dataclasses.replace(off.model, num_heads=4))
+  out = bench_main._torch_ratio(other, 'train', {'batch': 4})  # pylint: disable=protected-access
+  assert out['torch_reference'].startswith('no official script')
+
+
 def test_ratio_and_roofline_account_for_hardware():
   """The official scripts use 2 CPU threads: on a GPU or another core count no ratio is
   printed; a 2-device run's FLOPs (both devices' work) are divided by two devices'

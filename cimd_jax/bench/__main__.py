@@ -14,6 +14,7 @@ torch), train and sample also run the official PyTorch model's matching script
 measurement.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,6 +144,12 @@ def _torch_ratio(s, what: str, record: dict) -> dict:
   cfg = torch_reference.official_config(s.model, s.data.image_size, s.data.image_channels,
                                        what)
   if cfg is None:
+    trained = dataclasses.replace(s.model, ambiguity='trained')
+    if torch_reference.official_config(trained, s.data.image_size, s.data.image_channels,
+                                       what):
+      return {'torch_reference': f'no ratio: model.ambiguity={s.model.ambiguity!r} trains '
+                                 'other networks than the official script, which trains '
+                                 'the AMN/ACN (add --config.model.ambiguity=trained)'}
     return {'torch_reference': 'no official script for this config (only A and B, with '
                                "the official model's heads, dropout, dtype and AMN/ACN)"}
   reason = torch_reference.not_comparable(jax.default_backend(),
