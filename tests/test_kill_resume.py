@@ -1,5 +1,5 @@
 """A training process killed with SIGKILL (even mid-save) resumes from its last
-complete checkpoint."""
+complete checkpoint, taking over the workdir lock the killed process left."""
 
 import os
 import re
@@ -58,6 +58,7 @@ def test_sigkill_then_resume(tmp_path):
       proc.send_signal(signal.SIGKILL)
       proc.wait(timeout=30)
       kills += 1
+      killed_pid = proc.pid
     finally:
       if proc.poll() is None:
         proc.kill()
@@ -72,4 +73,7 @@ def test_sigkill_then_resume(tmp_path):
   resumed = re.search(r'Resuming from checkpoint step (\d+)', finish.stderr)
   assert resumed, finish.stderr[-3000:]
   assert int(resumed.group(1)) >= killed_at
+  # The kernel released the killed process's flock; its holder record is still there.
+  assert 'Taking over the lock' in finish.stderr, finish.stderr[-3000:]
+  assert f'PID {killed_pid}' in finish.stderr, finish.stderr[-3000:]
   assert _complete_steps(workdir)[-1] == killed_at + 3

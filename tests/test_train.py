@@ -62,18 +62,21 @@ def _fresh(s, mesh, microbatches=1):
 
 
 def test_fixed_batch_overfits(tfds_dir):
-  s = _settings(tfds_dir, learning_rate=2e-3, num_steps=300)
+  """100 steps on one fixed batch: the loss falls by far more than 20x (measured
+  ~170x at step 100, ~40x already at step 60), with one compilation."""
+  num_steps = 100
+  s = _settings(tfds_dir, learning_rate=2e-3, num_steps=num_steps)
   mesh = step_lib.make_mesh(jax.devices()[:1])
   _, state, step = _fresh(s, mesh)
   batch = _fixed_batch(s, 8)
   losses = []
-  for _ in range(300):
+  for _ in range(num_steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   first, last = np.mean(losses[:10]), np.mean(losses[-30:])
   assert np.all(np.isfinite(losses))
-  assert last < first / 4, (first, last)
-  # The train step compiled once for all 300 steps.
+  assert last < first / 20, (first, last)
+  # The train step compiled once for all steps.
   assert step._cache_size() == 1
 
 
@@ -98,7 +101,7 @@ def test_gradients_reach_every_latent_leaf_and_kl_depends_on_them(tfds_dir):
     leaves = jax.tree_util.tree_leaves_with_path(grads[name])
     assert leaves
     for path, g in leaves:
-      assert float(jnp.max(jnp.abs(g))) > 0, f'{name}{jax.tree_util.keystr(path)} has zero grad'
+      assert np.max(np.abs(np.asarray(g))) > 0, f'{name}{jax.tree_util.keystr(path)} has zero grad'
   # The UNet gets gradient from the KL too: with only the KL weighted, grads are non-zero.
   kl_only = objective.ObjectiveArgs(vlb_weight=0.0, kl_weight=1.0)
 
