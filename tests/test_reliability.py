@@ -86,7 +86,7 @@ def trained(tmp_path_factory):
   return base / 'run', base / 'tfds'
 
 
-# ------------------------------------------------------------------ items 3, 10: one writer; SIGTERM
+# ------------------------------------------------------------------ item 3: one writer; SIGTERM, resume
 def test_second_trainer_is_refused_and_sigterm_saves_for_the_same_command(tmp_path):
   """A second `train` on a workdir in use is refused at once while the first one goes
   on training; SIGTERM then makes the first save and exit 143, and the same command
