@@ -167,6 +167,36 @@ def test_output_shape(learn_sigma, channels):
   assert _unet_shapes(args)['out_conv']['kernel'].shape == (3, 3, 8, channels)
 
 
+def test_detach_variance_stops_only_v_gradients_at_the_output_conv():
+  """model.detach_variance: the same parameters and output; the gradient of the v
+  channel is zero in every layer but the output conv, where it equals the plain
+  UNet's; the first (x_0 / eps) channel's gradient is unchanged everywhere."""
+  plain, detached = TINY, TINY.replace(detach_variance=True)
+  assert jax.tree.map(lambda a: a.shape, _unet_shapes(plain)) == jax.tree.map(
+      lambda a: a.shape, _unet_shapes(detached))
+  x, t = _inputs(plain, batch=2)
+  params = _perturb(_unet_shapes(plain))
+  u_plain, u_detached = _unet(plain), _unet(detached)
+
+  def grads(unet, channel):
+    return jax.grad(lambda p: jnp.sum(unet.apply({'params': p}, x, t)[..., channel]
+                                      * jnp.cos(x[..., :1, 0])))(params)
+
+  np.testing.assert_array_equal(u_plain.apply({'params': params}, x, t),
+                                u_detached.apply({'params': params}, x, t))
+  v_plain, v_detached = grads(u_plain, 1), grads(u_detached, 1)
+  for name in params:
+    for leaf_plain, leaf_detached in zip(jax.tree.leaves(v_plain[name]),
+                                         jax.tree.leaves(v_detached[name])):
+      if name == 'out_conv':
+        np.testing.assert_allclose(leaf_detached, leaf_plain, rtol=1e-6, atol=1e-6)
+      else:
+        assert float(jnp.abs(leaf_plain).max()) > 0, name   # the check can fail
+        assert float(jnp.abs(leaf_detached).max()) == 0, name
+  for a, b in zip(jax.tree.leaves(grads(u_plain, 0)), jax.tree.leaves(grads(u_detached, 0))):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
 def test_attention_placement_paper_config():
   names = {k for k in _unet_shapes(CONFIG_A) if k.endswith('attn')}
   # 16 px is level 3 (128 -> 64 -> 32 -> 16): input blocks 10, 11; decoder 3, 4, 5.

@@ -33,7 +33,11 @@ class ModelArgs:
   num_res_blocks, attention_resolutions (feature-map sizes in pixels), num_heads /
   num_head_channels (>0 overrides num_heads), dropout, use_scale_shift_norm,
   resblock_updown, learn_sigma (a second output channel v for the learned-range
-  variance). AMN/ACN (`latent.AxisAlignedConvGaussian`): latent_dim, latent_filters,
+  variance), detach_variance (v's gradient stops at the output conv: the VLB, which
+  trains only v, then cannot move the layers the x_0 / eps channel is computed from;
+  the output is the same either way. Without it the VLB's gradient at t <= 5, larger
+  than the mean-squared term's, spoilt x_0 predictions at the smallest t and made the
+  1000-step ancestral chain erode masks: docs/samplers.md). AMN/ACN (`latent.AxisAlignedConvGaussian`): latent_dim, latent_filters,
   latent_convs_per_block; `ambiguity` (one of AMBIGUITY_MODES). Compute:
   compute_dtype ('float32' | 'bfloat16'; parameters stay float32), remat
   (rematerialise UNet blocks in the backward pass), conv_impl (how convolutions
@@ -51,6 +55,7 @@ class ModelArgs:
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   learn_sigma: bool = True
+  detach_variance: bool = False
   latent_dim: int = 6
   latent_filters: tuple[int, ...] = (32, 64, 128, 192)
   latent_convs_per_block: int = 3
@@ -71,6 +76,7 @@ class ModelArgs:
     ca.check_bool('model.use_scale_shift_norm', self.use_scale_shift_norm)
     ca.check_bool('model.resblock_updown', self.resblock_updown)
     ca.check_bool('model.learn_sigma', self.learn_sigma)
+    ca.check_bool('model.detach_variance', self.detach_variance)
     ca.check_int('model.latent_dim', self.latent_dim, 1, 1024)
     ca.check_int_tuple('model.latent_filters', self.latent_filters)
     ca.check_int('model.latent_convs_per_block', self.latent_convs_per_block, 1, 16)
@@ -129,6 +135,7 @@ def build_unet(model: ModelArgs, image_size: int) -> UNet:
       use_scale_shift_norm=model.use_scale_shift_norm,
       resblock_updown=model.resblock_updown,
       learn_sigma=model.learn_sigma,
+      detach_variance=model.detach_variance,
       remat=model.remat,
       dtype=model.compute_dtype,
       conv_impl=conv.resolve_impl(model.conv_impl),

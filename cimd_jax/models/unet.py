@@ -230,6 +230,9 @@ class UNet(nn.Module):
   backward pass. Dropout (train=True, dropout > 0) needs the 'dropout' rng.
   `conv_impl` picks how the convolutions are computed ('auto', 'xla', 'im2col',
   'shifted'; models/conv.py); the parameters and the function do not depend on it.
+  With `detach_variance` (and `learn_sigma`) the output is the same, but the v
+  channel's gradient reaches only the output conv's v filters, not the layers that
+  the first channel shares (ModelArgs.detach_variance).
   """
   image_size: int
   num_channels: int
@@ -242,6 +245,7 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   learn_sigma: bool = True
+  detach_variance: bool = False
   remat: bool = False
   dtype: str = 'float32'
   conv_impl: str = 'xla'
@@ -314,5 +318,9 @@ class UNet(nn.Module):
     assert not skips
 
     h = nn.silu(Norm(name='out_norm')(h))
-    out = _conv(2 if self.learn_sigma else 1, 3, dtype, 'out_conv', zero=True, impl=impl)(h)
+    out_conv = _conv(2 if self.learn_sigma else 1, 3, dtype, 'out_conv', zero=True, impl=impl)
+    out = out_conv(h)
+    if self.learn_sigma and self.detach_variance:
+      v = out_conv(jax.lax.stop_gradient(h))[..., 1:]
+      out = jnp.concatenate([out[..., :1], v], axis=-1)
     return out.astype(jnp.float32)
