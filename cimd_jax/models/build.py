@@ -35,10 +35,11 @@ class ModelArgs:
   resblock_updown, learn_sigma (a second output channel v for the learned-range
   variance), detach_variance (v's gradient stops at the output conv: the VLB, which
   trains only v, then cannot move the layers the x_0 / eps channel is computed from;
-  the output is the same either way. Without it the VLB's gradient at t <= 5, larger
-  than the mean-squared term's, spoilt x_0 predictions at the smallest t and made the
-  1000-step ancestral chain erode masks: docs/samplers.md). AMN/ACN (`latent.AxisAlignedConvGaussian`): latent_dim, latent_filters,
-  latent_convs_per_block; `ambiguity` (one of AMBIGUITY_MODES). Compute:
+  the output is the same either way, and compiled forward passes hold the output
+  conv once. Without it the VLB's gradient at t <= 5, larger than the mean-squared
+  term's, spoilt x_0 predictions at the smallest t and made the 1000-step ancestral
+  chain erode masks: docs/samplers.md). AMN/ACN (`latent.AxisAlignedConvGaussian`):
+  latent_dim, latent_filters, latent_convs_per_block; `ambiguity` (one of AMBIGUITY_MODES). Compute:
   compute_dtype ('float32' | 'bfloat16'; parameters stay float32), remat
   (rematerialise UNet blocks in the backward pass), conv_impl (how convolutions
   are computed, same parameters and function either way, models/conv.py: 'auto' =
