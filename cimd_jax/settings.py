@@ -73,6 +73,11 @@ TRAINING_KEYS = (('objective', None),    # None: every key of the group
 # Model keys that change nothing stored in the checkpoint (how the same network is
 # computed), so they may differ from the checkpoint's.
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
+# Frozen keys added after checkpoints were first written, with the value that every
+# checkpoint stored without them was trained with (reconcile reads a missing key so,
+# instead of taking a config file's newer default: resuming such a run must not
+# silently change how it trains).
+LEGACY_VALUES = {'model.detach_variance': False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +150,7 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
                     'config unchecked', where)
     return current
   values = to_dict(current)
+  stored = _with_legacy_values(stored)
   for group, keys in stored.items():
     if group not in values:
       continue
@@ -169,6 +175,17 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
     _follow(values['data'], stored.get('data') or {}, INPUT_IMAGE_KEYS, overrides, where,
             'its input images are not read as training\'s were')
   return from_config(values)
+
+
+def _with_legacy_values(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """`stored` with each LEGACY_VALUES key it lacks (in a group it has) filled in."""
+  filled = {group: dict(keys) if isinstance(keys, Mapping) else keys
+            for group, keys in stored.items()}
+  for name, value in LEGACY_VALUES.items():
+    group, key = name.split('.', 1)
+    if isinstance(filled.get(group), dict):
+      filled[group].setdefault(key, value)
+  return filled
 
 
 def changed_training_keys(current: Settings, stored: Mapping[str, Any] | None

@@ -76,6 +76,28 @@ def test_an_input_folder_is_read_with_the_checkpoints_preprocessing(caplog):
              'not read as training' in r.getMessage() for r in caplog.records)
 
 
+def test_a_checkpoint_stored_before_detach_variance_keeps_training_as_it_did():
+  """A checkpoint whose stored model group predates model.detach_variance was trained
+  with the v gradient flowing through the UNet: a config that now sets it True must
+  not switch it on when that run resumes; asking for it explicitly is refused."""
+  config = settings_lib.default_config()
+  config.model.detach_variance = True
+  now = settings_lib.from_config(config)
+  old = _stored()
+  del old['model']['detach_variance']
+  assert settings_lib.reconcile(now, old, set(), 'ckpt').model.detach_variance is False
+  try:
+    settings_lib.reconcile(now, old, {'model.detach_variance'}, 'ckpt')
+  except settings_lib.ConfigError as e:
+    assert 'model.detach_variance' in str(e)
+  else:
+    raise AssertionError('an explicit detach_variance=True on an older checkpoint was accepted')
+  stored_true = _stored()
+  stored_true['model']['detach_variance'] = True
+  assert settings_lib.reconcile(now, stored_true, set(), 'ckpt').model.detach_variance is True
+  assert 'detach_variance' not in old['model']   # the caller's dict is left as it was
+
+
 def test_every_config_key_named_in_code_and_docs_exists():
   """Error messages, docs and launch scripts that tell a user to set
   `--config.group.key` (or write `group.key=value` in the docs) name keys that
