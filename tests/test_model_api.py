@@ -2,6 +2,8 @@
 run's own sampler keeps its steps, and a partly non-finite ensemble is refused, not
 scored."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -65,3 +67,22 @@ def test_a_partly_non_finite_ensemble_is_refused(model, monkeypatch):
   monkeypatch.setattr(ensemble.samplers, 'sample_ensemble', one_nan)
   with pytest.raises(DivergenceError):
     model.sample(_images(), num_samples=2, sampler='ddim', steps='ddim5')
+
+
+def test_a_non_finite_ensemble_with_the_unclipped_variance_names_the_clip(model, monkeypatch):
+  """Respaced DDPM with clip_variance=False: the error names the clip (the usual
+  cause, docs/samplers.md), not retraining; with the clip on it names retraining."""
+  real = ensemble.samplers.sample_ensemble
+  monkeypatch.setattr(ensemble.samplers, 'sample_ensemble',
+                      lambda *a, **k: np.full(np.shape(real(*a, **k)), np.nan, np.float32))
+  images = np.zeros((1, model.image_size, model.image_size, model.image_channels), np.float32)
+  messages = []
+  for clip in (False, True):
+    sampling = dataclasses.replace(model.sampling, sampler='ddpm', steps='10', num_samples=2,
+                                   clip_variance=clip)
+    draw = ensemble.make_ensemble_fn(model.model, model.image_size, model.diffusion, sampling)
+    with pytest.raises(DivergenceError) as e:
+      draw(model.params, images, jax.random.PRNGKey(0), 0)
+    messages.append(str(e.value))
+  assert 'clip_variance=True' in messages[0] and 'learning_rate' not in messages[0]
+  assert 'learning_rate' in messages[1] and 'clip_variance' not in messages[1]

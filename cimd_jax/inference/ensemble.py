@@ -91,6 +91,20 @@ def variance_transfer_fn(train_tables: DiffusionTables, sampler_tables: Diffusio
   return transfer
 
 
+def _divergence_hint(sampling: SamplingArgs, diffusion: DiffusionArgs) -> str:
+  """What to try when an ensemble is not finite: the unclipped learned variance
+  first where it was in use (respaced DDPM steps extrapolate it: docs/samplers.md)."""
+  if (sampling.sampler == 'ddpm' and not sampling.clip_variance
+      and sampling.variance_transfer == 'interpolate' and diffusion.variance == 'learned_range'):
+    return ('the learned variance, unclipped, left [beta_tilde_t, beta_t]; sample with '
+            '--config.sampling.clip_variance=True, or with clip_variance=False and '
+            "--config.sampling.variance_transfer=x0_uncertainty (models trained with "
+            'model.detach_variance=True sampled unclipped at DDPM-50: docs/samplers.md)')
+  return ('its weights have diverged or do not fit this sampler; retrain with a lower '
+          'training.learning_rate, or sample an earlier step with '
+          '--config.sampling.checkpoint=STEP')
+
+
 def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs,
                      sampling: SamplingArgs, num_samples: int | None = None) -> EnsembleFn:
   """(params, images [B, H, W, C] in [-1, 1], key, first_image_index) -> masks bool
@@ -115,8 +129,7 @@ def make_ensemble_fn(model: ModelArgs, image_size: int, diffusion: DiffusionArgs
         variance=diffusion.variance, eta=sampling.ddim_eta, compiler_options=options)
     if not bool(jnp.all(jnp.isfinite(x0))):
       raise DivergenceError(
-          'the model produced non-finite samples (NaN/inf): its weights have diverged or '
-          'do not fit this sampler; retrain with a lower training.learning_rate, or '
-          'sample an earlier step with --config.sampling.checkpoint=STEP')
+          'the model produced non-finite samples (NaN/inf): ' + _divergence_hint(
+              sampling, diffusion))
     return np.asarray(samplers.masks_from_x0(x0))[..., 0]
   return draw
