@@ -4,7 +4,8 @@ AMD Zen4 CPU (9.1 min on a 2-core Intel Xeon, README "Demo wall time").
 
 Kept from configs/synthetic.py: the data (32 px, 4 experts, 2,000 training cases),
 1500 steps at batch 32, learning rate, warm-up, EMA, x_0 prediction, learned-range
-variance, DDIM-25, the AMN/ACN trained with the KL.
+variance with the VLB's gradient stopped at the output conv (model.detach_variance),
+DDIM-25, the AMN/ACN trained with the KL.
 Made narrower: 16 base channels (synthetic.py: 32) and AMN/ACN filters (8, 16, 32)
 (synthetic.py: (16, 32, 64)): the train step at batch 32 is 12.7 GFLOP instead of
 49.0, 0.23 s instead of 0.58 s on a 2-core Zen4, with the same calibration within

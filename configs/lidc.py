@@ -7,7 +7,10 @@ learn_sigma, linear schedule, T = 1000. Prediction target: x_0, not the paper's 
 size, eps drew 19-21% all-foreground masks (calibration 0.25-0.28; x_0: 0.09-0.11,
 none), because its x_0 estimate is eps's error times (1 - abar_t) / abar_t (up to
 24,777) at the first sampling steps; weighting the eps loss by truncated SNR removes
-the all-foreground masks but reached only 0.14-0.18 (docs/ablations.md).
+the all-foreground masks but reached only 0.14-0.18 (docs/ablations.md). The VLB's
+gradient stops at the output conv (`model.detach_variance`; the official code lets it
+into every layer): there it spoilt x_0 at t <= 10 and shrank the masks, and without
+it the learned variance samples respaced DDPM unclipped (docs/samplers.md).
 
 The official code feeds 4 copies of the image; here `data.image_channels` is 1 (pass
 --config.data.image_channels=4 for the official model's 5 input channels and exact
@@ -40,6 +43,7 @@ def get_config():
   config.data.image_channels = 1
   config.data.num_annotators = 4
   config.diffusion.prediction = 'x0'      # the paper: 'eps' (docs/ablations.md)
+  config.model.detach_variance = True     # the official code: False (docs/method.md)
   config.training.batch_size = 20
   config.training.num_steps = 100_000
   config.training.learning_rate = 1e-4

@@ -9,7 +9,9 @@ paper: 128), 1 res block per level (the paper: 2), AMN/ACN filters (16, 32, 64).
 Trained like the demo (configs/synthetic.py): x0 prediction (with eps the demo drew
 27-31% all-foreground masks; issue 14), lr 3e-4 with warm-up, EMA 0.995, DDIM-25;
 6000 steps with cosine decay (README: fitted better than 3000 constant-lr steps, GED
-0.071 vs 0.097 on the training images, about 84 minutes on a 2-core CPU).
+0.071 vs 0.097 on the training images, about 84 minutes on a 2-core CPU). From
+configs/lidc.py it takes model.detach_variance=True; the README's runs predate it
+(add --config.model.detach_variance=False to repeat them as they were).
 
 This is a check that the model reproduces real expert disagreement on images it has
 seen, not a benchmark: 19 cases are far too few to generalise.
