@@ -1,6 +1,7 @@
 """The README's main job (`bash launch/local.sh demo`): configs/synthetic.py with a
 narrower UNet and AMN/ACN, so that the demo finishes in about 8 minutes on a 2-core
-AMD Zen4 CPU (9.1 min on a 2-core Intel Xeon, README "Demo wall time").
+AMD Zen4 CPU (7.5-11.4 min on a 2-core Intel Xeon as its speed varies, README
+"Demo wall time").
 
 Kept from configs/synthetic.py: the data (32 px, 4 experts, 2,000 training cases),
 1500 steps at batch 32, learning rate, warm-up, EMA, x_0 prediction, learned-range
