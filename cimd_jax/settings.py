@@ -44,15 +44,13 @@ GROUPS: dict[str, type] = {
     'training': TrainingArgs,
     'sampling': SamplingArgs,
 }
-# Keys a checkpoint fixes: the network's shape and the diffusion it was trained for.
-# Everything else (sampler, steps, N, seed, data source, training schedule, ...) may
-# change after training.
+# Keys a checkpoint fixes: the network's shape and the diffusion it was trained for;
+# everything else (sampler, steps, N, seed, data source, schedule, ...) may change.
 FROZEN_GROUPS = ('model', 'diffusion')
 FROZEN_KEYS = ('data.image_size', 'data.image_channels')
-# Data keys that decide the held-out splits and what the network is shown. On the
-# data source the checkpoint was trained on (same data.name and source_dir) they
-# follow the checkpoint as well, so that 'test' stays the split training never saw;
-# an explicit other value is kept (another split design) with a warning.
+# Data keys that decide the held-out splits and what the network is shown: on the data
+# source the checkpoint was trained on (same name and source_dir) they follow it, so that
+# 'test' stays the split training never saw (an explicit other value is kept, warned).
 SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file',
                     'mask_threshold', 'resize', 'percentile_low', 'percentile_high',
                     'hdf5_image_range', 'nifti_image_patterns', 'nifti_axis')
@@ -60,24 +58,21 @@ SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file'
 # unlabelled input folder (sampling.input_dir) is read with the checkpoint's values,
 # whatever data source the sampling config names: the network saw images made so.
 INPUT_IMAGE_KEYS = ('resize', 'percentile_low', 'percentile_high')
-# Keys that decide what a training run learns (beyond the network, which FROZEN_*
-# fixes): a finished run in a workdir was trained with its stored values, so a request
-# for other values there trains nothing with them (`changed_training_keys`).
-# Data keys that change where or how fast records are read, or only the test split.
+# Keys that decide what a training run learns beyond the network (FROZEN_*): a finished
+# run was trained with its stored values, so a request for others there trains nothing
+# with them (`changed_training_keys`). NOT_TRAINING_DATA_KEYS: where or how fast
+# records are read, or only the test split.
 NOT_TRAINING_DATA_KEYS = ('tfds_dir', 'worker_count', 'synthetic_num_test')
 TRAINING_KEYS = (('objective', None),    # None: every key of the group
                  ('training', ('batch_size', 'ema_rate', 'grad_clip_norm', 'learning_rate',
                                'lr_schedule', 'seed', 'warmup_steps', 'weight_decay')),
                  ('data', tuple(k for k in GROUPS['data'].__dataclass_fields__
                                 if k not in NOT_TRAINING_DATA_KEYS)))
-# Model keys that change nothing stored in the checkpoint (how the same network is
-# computed), so they may differ from the checkpoint's.
+# Model keys that change only how the same network is computed (may differ after training).
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
-# Frozen keys added after checkpoints were first written, with the value that every
-# checkpoint stored without them was trained with (reconcile reads a missing key so,
-# instead of taking a config file's newer default: resuming such a run must not
-# silently change how it trains).
-LEGACY_VALUES = {'model.detach_variance': False}
+# Frozen keys added after checkpoints were first written: the value a checkpoint stored
+# without them was trained with (reconcile reads it, not a config file's newer default).
+LEGACY_VALUES = {'model': {'detach_variance': False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +136,16 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
   that define the splits and preprocessing (SAME_SOURCE_KEYS) follow the checkpoint
   too, explicit overrides kept with a warning; with `input_images` (sampling an
   unlabelled input folder) INPUT_IMAGE_KEYS follow it on any source, by the same
-  rule. Keys that may change after training
-  (sampling, data source, training schedule, compute dtype) are kept as given.
-  `stored` None (old checkpoints): `current` unchanged.
+  rule. Keys that may change after training (sampling, data, schedule, compute dtype)
+  are kept as given; a key the checkpoint predates reads as LEGACY_VALUES says.
   """
   if stored is None:
     logging.warning('%s has no stored configuration (older checkpoint); using the given '
                     'config unchecked', where)
     return current
   values = to_dict(current)
-  stored = _with_legacy_values(stored)
+  stored = {group: {**LEGACY_VALUES.get(group, {}), **keys} if isinstance(keys, Mapping)
+            else keys for group, keys in stored.items()}
   for group, keys in stored.items():
     if group not in values:
       continue
@@ -175,17 +170,6 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
     _follow(values['data'], stored.get('data') or {}, INPUT_IMAGE_KEYS, overrides, where,
             'its input images are not read as training\'s were')
   return from_config(values)
-
-
-def _with_legacy_values(stored: Mapping[str, Any]) -> dict[str, Any]:
-  """`stored` with each LEGACY_VALUES key it lacks (in a group it has) filled in."""
-  filled = {group: dict(keys) if isinstance(keys, Mapping) else keys
-            for group, keys in stored.items()}
-  for name, value in LEGACY_VALUES.items():
-    group, key = name.split('.', 1)
-    if isinstance(filled.get(group), dict):
-      filled[group].setdefault(key, value)
-  return filled
 
 
 def changed_training_keys(current: Settings, stored: Mapping[str, Any] | None
