@@ -230,3 +230,26 @@ def test_paired_differences_against_trained_and_a_malformed_file(tmp_path):
   assert 'Paired differences against `off`' in table
   assert 'Paired differences against `trained`' in table
   assert lines[0] in table
+
+
+def test_a_row_trained_with_other_model_keys_is_refused(tmp_path, monkeypatch):
+  """A row whose checkpoint was trained with another model key than the table asks for
+  (here model.detach_variance, which configs/synthetic.py turned on after rows had been
+  trained) is refused by name instead of being resumed with its stored keys, which would
+  make its row differ from the others in more than its name; a row trained with the
+  same keys trains on."""
+  trained = []
+  monkeypatch.setattr(modes, 'train_to_end',
+                      lambda s, run_dir, overrides, should_stop: trained.append(run_dir) or False)
+  asked = helpers.settings(model__detach_variance=True)
+  old = helpers.settings(model__detach_variance=False, model__ambiguity='off',
+                         diffusion__prediction='x0')
+  helpers.save_stand_in_checkpoint(tmp_path / 'off-x0', 1, stored=old)
+  with pytest.raises(ConfigError, match=r'model\.detach_variance=True \(trained with False\)'):
+    modes.run('ablations', asked, str(tmp_path), set(), ablation_runs=('off-x0',),
+              ablation_samplers=('ddim25',))
+  assert not trained
+  same = helpers.settings(model__detach_variance=False)
+  assert modes.run('ablations', same, str(tmp_path), set(), ablation_runs=('off-x0',),
+                   ablation_samplers=('ddim25',)) is None
+  assert trained == [str(tmp_path / 'off-x0')]

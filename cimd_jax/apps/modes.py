@@ -26,13 +26,12 @@ from cimd_jax import settings as settings_lib
 from cimd_jax.data import provenance
 from cimd_jax.inference import restore
 from cimd_jax.train import loop
-from cimd_jax.utils import locking
+from cimd_jax.utils import atomic, locking
 from cimd_jax.utils.errors import CheckpointNotFoundError, ConfigError
 
 MODES = ('train', 'sample', 'evaluate', 'demo', 'compare_samplers', 'ablations',
          'reproduce', 'sanity')
-# Modes that run in a multi-process job: training (sharded), and sampling (process 0
-# samples and writes, the others return).
+# Modes that run in a multi-process job: training (sharded), sampling (process 0 writes).
 MULTI_PROCESS_MODES = ('train', 'sample')
 
 
@@ -40,10 +39,9 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
         should_stop: Callable[[int], bool] | None = None, config_file: str = '',
         command_flags: str = '', ablation_runs: tuple[str, ...] = (),
         ablation_samplers: tuple[str, ...] = ()) -> Any:
-  """Runs `mode` (one of MODES) and returns its result. `config_file` and
-  `command_flags` (the --config path and the command line's --config.* overrides)
-  are quoted in the ablation table's commands; `ablation_runs` / `ablation_samplers`
-  restrict that table (all rows when empty)."""
+  """Runs `mode` (one of MODES) and returns its result. `config_file` and `command_flags`
+  (the --config path and the command line's --config.* overrides) are quoted in the
+  ablation table's commands; `ablation_runs` / `ablation_samplers` restrict it."""
   if jax.process_count() > 1 and mode not in MULTI_PROCESS_MODES:
     raise ConfigError(
         f'--mode={mode} runs in one process (every process would sample the same images '
@@ -64,7 +62,7 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
   if mode == 'ablations':
     from cimd_jax.apps import ablations  # pylint: disable=g-import-not-at-top
     return ablations.run(settings, workdir,
-                         lambda s, run_dir: train_to_end(s, run_dir, set(), should_stop),
+                         lambda s, run_dir: _train_ablation_row(s, run_dir, should_stop),
                          config_file or 'CONFIG', command_flags,
                          runs=ablation_runs, samplers=ablation_samplers)
   if mode in ('reproduce', 'sanity'):
@@ -74,6 +72,27 @@ def run(mode: str, settings: settings_lib.Settings, workdir: str, overrides: set
     app = reproduce if mode == 'reproduce' else sanity
     return app.run(settings, workdir, overrides)
   raise ValueError(f'unknown mode {mode!r}; expected one of {MODES}')
+
+
+def _train_ablation_row(settings: settings_lib.Settings, run_dir: str,
+                        should_stop: Callable[[int], bool]) -> bool:
+  """train_to_end for one row of --mode=ablations; ConfigError when the row was trained
+  before with other model or diffusion keys (resuming keeps those: the row would differ
+  from the others in more than its name)."""
+  try:
+    stored = restore.read_config(run_dir, 'latest')[1]
+  except CheckpointNotFoundError:
+    stored = None
+  want = settings_lib.to_dict(settings)
+  kept = (settings_lib.to_dict(settings_lib.reconcile(settings, stored, set(), run_dir))
+          if stored else want)
+  differ = [f'{g}.{k}={settings_lib.show(want[g][k])} (trained with '
+            f'{settings_lib.show(kept[g][k])})' for g in ('model', 'diffusion')
+            for k in want[g] if want[g][k] != kept[g][k]]
+  if differ:
+    raise ConfigError(f'{run_dir} was trained with other settings than this table asks for: '
+                      f'{", ".join(differ)}; use a new --workdir, or pass the stored values')
+  return train_to_end(settings, run_dir, set(), should_stop)
 
 
 def workdir_lock(workdir: str) -> locking.FolderLock:
@@ -174,13 +193,12 @@ def train(settings: settings_lib.Settings, workdir: str, overrides: set[str],
   if lock is not None:
     lock.acquire()
   try:
-    settings = resume_settings(settings, workdir, overrides)
-    config = settings_lib.to_dict(settings)
+    s = resume_settings(settings, workdir, overrides)
+    config = settings_lib.to_dict(s)
     if jax.process_index() == 0:
       from cimd_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
       reports.write_json(os.path.join(workdir, 'config.json'), config)
-      provenance.record_training(settings.data, workdir)
-    s = settings
+      provenance.record_training(s.data, workdir)
     return loop.train_and_evaluate(
         workdir, data=s.data, model=s.model, diffusion=s.diffusion, objective=s.objective,
         training=s.training, sampling=s.sampling, config=config, should_stop=should_stop)
@@ -226,8 +244,7 @@ def compare_samplers(settings: settings_lib.Settings, workdir: str, overrides: s
   table = compare_lib.markdown_table(rows, rec)
   os.makedirs(os.path.join(workdir, 'report'), exist_ok=True)
   path = os.path.join(workdir, 'report', 'samplers.md')
-  with open(path, 'w') as f:
-    f.write(table + '\n')
+  atomic.write_text(path, table + '\n')
   print(table, flush=True)
   logging.info('Wrote %s', path)
   return path
