@@ -18,12 +18,12 @@ pytestmark = pytest.mark.slow
 # batch 16; about 3 min on a 2-core Intel Xeon) measured 0.089, 0.099 and 0.069 for
 # training seeds 0, 1, 2 with model.detach_variance (the config's default since
 # 2026-12-06; without it 0.099, 0.089, 0.092; 600 steps: 0.102; 400 steps: 0.171); a
-# perfectly calibrated sampler expects 0.089 at N = 16. Its 16 test images hold 19 ambiguous structures (10 drawn by 1/4 of the
-# experts, 3 by 1/2, 6 by 3/4). On those, the bound 0.14 is passed by a calibrated
-# sampler with probability 0.999 and by one that draws every ambiguous structure with
-# probability 1/2 (0.2005 expected) with probability 0.0003
-# (tests/calibration_strawman.py); the deterministic baseline (second test) measured
-# 0.29-0.34.
+# perfectly calibrated sampler expects 0.089 at N = 16. Its 16 test images hold 19
+# ambiguous structures (10 drawn by 1/4 of the experts, 3 by 1/2, 6 by 3/4). On those,
+# the bound 0.14 is passed by a calibrated sampler with probability 0.999 and by one
+# that draws every ambiguous structure with probability 1/2 (0.2005 expected) with
+# probability 0.0003 (tests/calibration_strawman.py); the deterministic baseline
+# (second test) measured 0.29-0.34.
 REDUCED_STEPS = 800
 REDUCED_BATCH = 16
 MAE_BOUND = 0.14
