@@ -61,6 +61,49 @@ def test_summary_statistics_by_hand():
   assert one['mae_ambiguous'] == pytest.approx(0.1) and np.isnan(one['mae_ambiguous_sem'])
 
 
+def test_dispersion_by_hand():
+  """truth (0.5, 0.25), sampled (0.75, 0.25) at N = 4: squared errors (1/16, 0),
+  binomial variances p (1 - p) / N = (1/16, 3/64); dispersion (1/32) / (7/128) = 4/7;
+  excess per structure (0, -3/64), mean -3/128 with standard error 3/128 (sample std
+  3/64 / sqrt(2), over sqrt(2)). The decoy (p = 0) takes no part."""
+  summary = calibration.summarize(np.array([0.5, 0.25, 0.0]), np.array([0.75, 0.25, 0.5]), 4)
+  assert summary['dispersion'] == pytest.approx(4 / 7)
+  assert summary['excess_variance'] == pytest.approx(-3 / 128)
+  assert summary['excess_variance_sem'] == pytest.approx(3 / 128)
+  assert 'dispersion' not in calibration.summarize(np.array([0.5]), np.array([0.75]))
+
+
+def test_dispersion_tells_independent_draws_from_scattered_ones():
+  """3000 structures at true p in {1/4, 1/2, 3/4}, N = 16: frequencies drawn
+  binomially at p give dispersion 1 and excess 0 (within 4 standard errors); drawn at
+  a per-structure q = p + U(-0.2, 0.2) they give excess Var q - E[Var q] / N =
+  (0.04 / 3) (15 / 16) = 0.0125 and dispersion near 1 + 0.0125 / 0.0130 ≈ 1.96 (the
+  mean binomial variance is (3/16 + 1/4 + 3/16) / 3 / 16 = 0.0130)."""
+  rng = np.random.default_rng(0)
+  truth = rng.choice([0.25, 0.5, 0.75], 3000)
+  fair = calibration.summarize(truth, rng.binomial(16, truth) / 16, 16)
+  assert abs(fair['excess_variance']) < 4 * fair['excess_variance_sem'], fair
+  assert 0.9 < fair['dispersion'] < 1.1, fair
+  scattered_p = truth + rng.uniform(-0.2, 0.2, truth.shape)
+  scattered = calibration.summarize(truth, rng.binomial(16, scattered_p) / 16, 16)
+  assert scattered['excess_variance'] == pytest.approx(0.04 / 3 * 15 / 16, abs=4 * scattered['excess_variance_sem'])
+  assert 1.8 < scattered['dispersion'] < 2.25, scattered
+
+
+def test_over_cases_takes_each_images_own_mask_count():
+  """One structure (p = 1/2) per image: image A has N = 4 masks, 3 include it (squared
+  error 1/16, binomial 1/16); image B has N = 2, 1 includes it (0, binomial 1/8):
+  dispersion (1/32) / (3/32) = 1/3 (with A's N for both it would read 1/2)."""
+  structures = np.ones((1, 2, 2), np.uint8)
+  masks_a = np.zeros((4, 2, 2), bool)
+  masks_a[:3] = True
+  masks_b = np.zeros((2, 2, 2), bool)
+  masks_b[:1] = True
+  summary, _, _ = calibration.over_cases([(structures, np.array([0.5]), masks_a),
+                                          (structures, np.array([0.5]), masks_b)])
+  assert summary['dispersion'] == pytest.approx(1 / 3)
+
+
 def test_over_cases_counts_a_structure_at_half_its_pixels():
   """Through over_cases (what validation, `sample` and the demo call): a 4-pixel
   structure covered by 2 pixels in one sample and 1 pixel in two others is included

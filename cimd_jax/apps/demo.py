@@ -73,10 +73,10 @@ def build_report(results: list[tuple[Any, np.ndarray]], model_metrics: dict[str,
   if cal:
     report['calibration'] = {'model': cal}
     _, _, det = calibration_summary([(c, deterministic_baseline(m)) for c, m in results])
-    report['calibration']['deterministic'] = calibration.summarize(truth, det)
+    report['calibration']['deterministic'] = calibration.summarize(truth, det, num_samples)
     if oracle is not None:
       _, _, orc = calibration_summary([(c, o) for (c, _), o in zip(results, oracle)])
-      report['calibration']['oracle'] = calibration.summarize(truth, orc)
+      report['calibration']['oracle'] = calibration.summarize(truth, orc, num_samples)
   return report, truth, sampled
 
 
@@ -98,11 +98,13 @@ def format_report(report: dict[str, Any], workdir: str, timings: dict[str, float
   cal = report.get('calibration')
   if cal:
     lines.append('')
-    lines.append('Calibration on ambiguous structures (|sampled freq - expert freq|):')
+    lines.append('Calibration on ambiguous structures (MAE: |sampled - expert freq|; '
+                 'dispersion: 1 for N independent draws at the experts\' freq):')
     for c in cols:
       if c in cal:
         lines.append(f'  {c:<14} MAE {cal[c]["mae_ambiguous"]:.3f} over '
-                     f'{cal[c]["num_ambiguous"]} structures; max freq on never-drawn '
+                     f'{cal[c]["num_ambiguous"]} structures (dispersion '
+                     f'{cal[c].get("dispersion", float("nan")):.2f}); max freq on never-drawn '
                      f'structures {cal[c]["max_freq_never_drawn"]:.3f} '
                      f'({cal[c]["num_never_drawn"]})')
   lines.append('')

@@ -5,6 +5,12 @@ A sample *includes* a structure when it covers at least `cover` (default half) o
 structure's pixels. For each valid structure of each image, the sampled frequency is
 the fraction of the N samples that include it; the truth is the generator's
 inclusion probability (synthetic data stores it per case).
+
+With N masks even a perfect sampler's frequencies scatter around the truth p with
+variance p (1 - p) / N (binomial), so the MAE alone cannot tell a sampler whose
+per-image probabilities are wrong from one drawn with too few masks. The *dispersion*
+(mean squared error / mean p (1 - p) / N over the ambiguous structures) is 1 for
+independent draws at the true probabilities, above 1 when they scatter further.
 """
 
 import numpy as np
@@ -44,28 +50,49 @@ def over_cases(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
                ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """(summarize(...), truth [S], sampled [S]) over every structure of every case;
   `cases` holds (structures [S, H, W], probs [S], masks bool [N, H, W]) per image."""
-  truth, sampled = [], []
+  truth, sampled, num_samples = [], [], []
   for structures, probs, masks in cases:
     t, s = structure_frequencies(masks, structures, probs)
     truth.append(t)
     sampled.append(s)
+    num_samples.append(np.full(len(t), len(masks)))
   truth = np.concatenate(truth) if truth else np.zeros([0])
   sampled = np.concatenate(sampled) if sampled else np.zeros([0])
-  return summarize(truth, sampled), truth, sampled
+  num_samples = np.concatenate(num_samples) if num_samples else np.zeros([0])
+  return summarize(truth, sampled, num_samples), truth, sampled
 
 
-def summarize(truth: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
+def _mean_sem(x: np.ndarray) -> tuple[float, float]:
+  """(mean, sample std (ddof = 1) / sqrt(count)); NaN where undefined."""
+  mean = float(np.mean(x)) if len(x) else float('nan')
+  sem = float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float('nan')
+  return mean, sem
+
+
+def summarize(truth: np.ndarray, sampled: np.ndarray,
+              num_samples: int | np.ndarray | None = None) -> dict[str, float]:
   """MAE on ambiguous structures (0 < p) with its standard error (sample std, ddof = 1,
   of the absolute errors / sqrt(count); NaN below two structures), worst and mean
-  sampled frequency on structures no expert draws (p = 0), and counts."""
+  sampled frequency on structures no expert draws (p = 0), and counts. Given the
+  masks per image N (an int, or [S] per structure), also the dispersion over the
+  ambiguous structures (module docstring) and its excess, mean over structures of
+  (sampled - p)^2 - p (1 - p) / N, with its standard error (0 for independent draws
+  at the true probabilities)."""
   truth, sampled = np.asarray(truth), np.asarray(sampled)
   amb = truth > 0
   decoy = truth == 0
   errors = np.abs(truth[amb] - sampled[amb])
+  mae, mae_sem = _mean_sem(errors)
+  out = {'mae_ambiguous': mae, 'mae_ambiguous_sem': mae_sem}
+  if num_samples is not None:
+    p = truth[amb]
+    binomial = p * (1 - p) / np.broadcast_to(np.asarray(num_samples, float), truth.shape)[amb]
+    excess, excess_sem = _mean_sem(errors ** 2 - binomial)
+    out.update(dispersion=(float(np.mean(errors ** 2) / np.mean(binomial))
+                           if amb.any() and np.mean(binomial) > 0 else float('nan')),
+               excess_variance=excess, excess_variance_sem=excess_sem)
   return {
-      'mae_ambiguous': float(np.mean(errors)) if amb.any() else float('nan'),
-      'mae_ambiguous_sem': (float(np.std(errors, ddof=1) / np.sqrt(len(errors)))
-                            if len(errors) > 1 else float('nan')),
+      **out,
       'num_ambiguous': int(amb.sum()),
       'max_freq_never_drawn': float(sampled[decoy].max()) if decoy.any() else float('nan'),
       'mean_freq_never_drawn': float(sampled[decoy].mean()) if decoy.any() else float('nan'),
