@@ -147,13 +147,15 @@ def write_tensorboard(workdir: str, prefix: str, step: int, result: dict[str, An
                        per_image: dict[str, np.ndarray],
                        frequencies: list[np.ndarray] | None) -> None:
   """An evaluation in WORKDIR's TensorBoard: scalars <prefix>/<metric> (+
-  calibration_mae), per-image CI and GED histograms and, with known structure
-  frequencies (truth [S], sampled [S]), the calibration plot."""
+  calibration_mae and calibration_dispersion), per-image CI and GED histograms and,
+  with known structure frequencies (truth [S], sampled [S]), the calibration plot."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, asynchronous=False)
   scalars = {f'{prefix}/{k}': v['mean'] for k, v in result['metrics'].items()}
   if 'calibration' in result:
     scalars[f'{prefix}/calibration_mae'] = result['calibration']['mae_ambiguous']
+    if 'dispersion' in result['calibration']:
+      scalars[f'{prefix}/calibration_dispersion'] = result['calibration']['dispersion']
     truth, sampled = frequencies
     plot = calibration.calibration_plot(truth, sampled, num_samples=result['num_samples'])
     writer.write_images(step, {f'{prefix}/calibration': plot[None] / 255.0})

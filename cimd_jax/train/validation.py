@@ -81,6 +81,7 @@ class Validator:
       summary, truth, sampled = calibration.over_cases(
           [(c['structures'], c['structure_probs'], m) for c, m in zip(self.cases, masks)])
       scalars['val/calibration_mae'] = summary['mae_ambiguous']
+      scalars['val/calibration_dispersion'] = summary['dispersion']
       images['val/calibration'] = calibration.calibration_plot(
           truth, sampled, num_samples=self.num_samples)[None].astype(np.float32) / 255.0
     metric = scalars.get(f'val/{self.best_metric}', float('nan'))
