@@ -3,11 +3,12 @@
 Model: 128 x 128 crops, 4 annotators, guided-diffusion UNet with 128 channels,
 channel_mult (1, 1, 2, 3, 4), 2 res blocks, attention at 16 px, 1 head,
 learn_sigma, linear schedule, T = 1000. Prediction target: x_0, not the paper's eps
-(pass --config.diffusion.prediction=eps for the paper's): trained at the demo's
-size, eps drew 19-21% all-foreground masks (calibration 0.25-0.28; x_0: 0.09-0.11,
-none), because its x_0 estimate is eps's error times (1 - abar_t) / abar_t (up to
-24,777) at the first sampling steps; weighting the eps loss by truncated SNR removes
-the all-foreground masks but reached only 0.14-0.18 (docs/ablations.md). The VLB's
+(pass --config.diffusion.prediction=eps for the paper's): on the synthetic data at
+32 channels, eps drew 19-24% all-foreground masks (calibration 0.25-0.28; x_0:
+0.09-0.11, none), because its x_0 estimate is eps's error times (1 - abar_t) / abar_t
+(up to 24,777) at the first sampling steps; weighting the eps loss by truncated SNR
+removes them but reached only 0.14-0.18; at 16 channels eps with DDPM-50 drew none
+(0.097), still behind x_0 with DDIM-25 (0.087; docs/ablations.md rows 63-67). The VLB's
 gradient stops at the output conv (`model.detach_variance`; the official code lets it
 into every layer): there it spoilt x_0 at t <= 10 and shrank the masks, and without
 it the learned variance samples respaced DDPM unclipped (docs/samplers.md).
