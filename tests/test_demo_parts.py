@@ -86,7 +86,8 @@ def test_dispersion_tells_independent_draws_from_scattered_ones():
   assert 0.9 < fair['dispersion'] < 1.1, fair
   scattered_p = truth + rng.uniform(-0.2, 0.2, truth.shape)
   scattered = calibration.summarize(truth, rng.binomial(16, scattered_p) / 16, 16)
-  assert scattered['excess_variance'] == pytest.approx(0.04 / 3 * 15 / 16, abs=4 * scattered['excess_variance_sem'])
+  assert scattered['excess_variance'] == pytest.approx(
+      0.04 / 3 * 15 / 16, abs=4 * scattered['excess_variance_sem'])
   assert 1.8 < scattered['dispersion'] < 2.25, scattered
 
 

@@ -329,7 +329,8 @@ def test_tensorboard_events_have_scalar_and_image_tags(tmp_path, tfds_dir):
         tags.add(value.tag)
   for tag in ('loss', 'mse', 'vlb', 'kl', 'grad_norm', 'param_norm', 'learning_rate',
               'steps_per_s', 'images_per_s', 'val/ci', 'val/ged', 'val/hm_iou',
-              'val/calibration_mae', 'val/calibration_dispersion', 'val/per_image_ci', 'val/cases', 'val/calibration',
+              'val/calibration_mae', 'val/calibration_dispersion', 'val/per_image_ci',
+              'val/cases', 'val/calibration',
               'ambiguity/amn_mean_spread', 'ambiguity/spread_over_sigma'):
     assert tag in tags, (tag, sorted(tags))
   assert any(t.startswith('mse_by_t/q') for t in tags), sorted(tags)

@@ -104,7 +104,7 @@ def format_report(report: dict[str, Any], workdir: str, timings: dict[str, float
       if c in cal:
         lines.append(f'  {c:<14} MAE {cal[c]["mae_ambiguous"]:.3f} over '
                      f'{cal[c]["num_ambiguous"]} structures (dispersion '
-                     f'{cal[c].get("dispersion", float("nan")):.2f}); max freq on never-drawn '
+                     f'{cal[c]["dispersion"]:.2f}); max freq on never-drawn '
                      f'structures {cal[c]["max_freq_never_drawn"]:.3f} '
                      f'({cal[c]["num_never_drawn"]})')
   lines.append('')
