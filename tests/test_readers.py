@@ -33,6 +33,7 @@ from cimd_jax.data import pipeline
 from cimd_jax.data import provenance
 from cimd_jax.data import splits
 from cimd_jax.data.records import DataError
+from cimd_jax.utils.errors import ConfigError
 
 HAVE_LIDC = os.path.isdir(os.path.join(LIDC_SAMPLE, 'training'))
 
@@ -704,6 +705,37 @@ def test_nifti_other_axis_and_case_level_split(tmp_path):
     np.testing.assert_array_equal(got['masks'][i, 1, :, 8:20] > 0, v['mask2'][x] > 0.5)
 
 
+def test_nifti_split_file_groups_case_folders_across_both_folders(tmp_path):
+  """Scans of one patient in several case folders (p1 and p2 of one patient, p3 in
+  testing/ of another): data.split_file puts them where it says, over training/ and
+  testing/; the seeded split, which splits case folders, is not used."""
+  root, _ = _make_nifti_source(tmp_path / 'src', train=('p1', 'p2', 'p4', 'p5'), test=('p3',))
+  split = tmp_path / 'split.json'
+  split.write_text(json.dumps({'train': ['p5', 'p3'], 'validation': ['p4'],
+                               'test': ['p2', 'p1']}))
+  args = DataArgs(name='nifti', source_dir=root, tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=24, image_channels=2, num_annotators=2, split_file=str(split),
+                  validation_fraction=0.5, seed=0, **NIFTI_PATTERNS)
+  cases = {s: [(c.case, os.path.basename(os.path.dirname(c.folder))) for c in cs]
+           for s, cs in nifti.scan_source(args).items()}
+  assert cases == {'train': [('p3', 'testing'), ('p5', 'training')],
+                   'validation': [('p4', 'training')],
+                   'test': [('p1', 'training'), ('p2', 'training')]}
+  counts = pipeline.prepare(args, str(tmp_path))
+  got = _eval_all(args, tmp_path, 'test')
+  assert len(got['case_id']) == counts['test']
+  assert {nifti.parse_case_id(str(c))[0] for c in got['case_id']} == {'p1', 'p2'}
+  # Another split file: other records (another cache), not the first one's.
+  split.write_text(json.dumps({'train': ['p1', 'p2', 'p3'], 'test': ['p4', 'p5']}))
+  pipeline.prepare(args, str(tmp_path))
+  got = _eval_all(args, tmp_path, 'test')
+  assert {nifti.parse_case_id(str(c))[0] for c in got['case_id']} == {'p4', 'p5'}
+  split.write_text(json.dumps({'train': ['p1', 'p2', 'p3'], 'test': ['p4']}))
+  with pytest.raises(DataError, match=r"data.split_file .*split\.json: case 'p5' \(and 0 "
+                                      r'more\) of the data is in no split'):
+    nifti.scan_source(args)
+
+
 def test_nifti_write_back_restores_rater_volumes(nifti_set, tmp_path):
   args, base, vols, _ = nifti_set
   got = _eval_all(args, base, 'test')
@@ -738,9 +770,10 @@ def test_nifti_write_back_restores_rater_volumes(nifti_set, tmp_path):
 def test_nifti_rater_mask_rule_by_hand():
   """0/1 and [0, 1] masks: foreground above 0.5; a mask of only 0 and 255:
   foreground at 255; bool volumes as they are."""
-  probs = np.array([[[0.0, 0.4]], [[0.5, 0.6]], [[1.0, 0.0]]], np.float32)
-  np.testing.assert_array_equal(nifti.rater_mask(probs, 'w'),
-                                [[[0, 0]], [[0, 1]], [[1, 0]]])
+  probs = np.zeros((1, 1, 30), np.float32)                  # 3 of 30 fractional: 10%
+  probs[0, 0, :5] = [0.0, 0.4, 0.5, 0.6, 1.0]
+  np.testing.assert_array_equal(nifti.rater_mask(probs, 'w')[0, 0, :5], [0, 0, 0, 1, 1])
+  assert not nifti.rater_mask(probs, 'w')[0, 0, 5:].any()
   np.testing.assert_array_equal(
       nifti.rater_mask(np.array([[[0, 255, 255, 0]]], np.uint8), 'w'), [[[0, 1, 1, 0]]])
   np.testing.assert_array_equal(
@@ -749,6 +782,19 @@ def test_nifti_rater_mask_rule_by_hand():
       nifti.rater_mask(np.array([[[True, False]]]), 'w'), [[[1, 0]]])
   with pytest.raises(DataError, match=r'^w: rater values range over \[0, 254\]'):
     nifti.rater_mask(np.array([[[0, 254]]], np.uint8), 'w')
+  # A resampled mask: fractional edges on 10% of the voxels (the limit) still read;
+  # a scan normalised to [0, 1] (fractional almost everywhere) is refused.
+  edges = np.zeros((10, 10, 1), np.float32)
+  edges[2:5, 2:5] = 1.0
+  edges[1, 1:10, 0] = [0.2, 0.4, 0.6, 0.8, 0.3, 0.7, 0.5, 0.9, 0.1]
+  edges[9, 9] = 0.95
+  assert np.mean((edges > 0) & (edges < 1)) == nifti.MAX_FRACTIONAL
+  np.testing.assert_array_equal(nifti.rater_mask(edges, 'w'), edges > 0.5)
+  scan = np.random.default_rng(0).uniform(0, 1, (8, 8, 2)).astype(np.float32)
+  scan[0] = 0.0
+  with pytest.raises(DataError, match=r'^w: 88% of the voxels lie strictly between 0 and 1 '
+                     r'\(an intensity scan matched by a rater pattern\?\)'):
+    nifti.rater_mask(scan, 'w')
 
 
 def test_nifti_case_with_no_kept_slice_is_named_in_a_warning(tmp_path, caplog):
@@ -1024,6 +1070,26 @@ def test_folder_wide_image_with_nan_is_named(tmp_path):
                                                 'expected finite'])
 
 
+def test_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):
+  """PIL opens a TIFF stack at page 0; three MR sequences in one file would become
+  page 0 three times. Training and sampling readers refuse it, naming the file."""
+  pages = [Image.fromarray(np.full((16, 16), v, np.float32)) for v in (1.0, 2.0, 3.0)]
+  for sub in ('training', 'testing'):
+    d = tmp_path / 'src' / sub / 'c0'
+    os.makedirs(d)
+    pages[0].save(d / 'image_1.tif', save_all=True, append_images=pages[1:])
+    for k in range(2):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / f'label{k}_.png')
+  assert Image.open(d / 'image_1.tif').n_frames == 3
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='folder', source_dir=str(tmp_path / 'src'), tfds_dir=tfds_dir,
+                  image_size=16, image_channels=3, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, ['training/c0', 'image_1.tif', '3 pages',
+                                                'one 2-D image per file'])
+  with pytest.raises(image_folder.BadInputImage, match=r'image_1\.tif: holds 3 pages'):
+    _read_input(str(d / 'image_1.tif'), channels=3)
+
+
 # --------------------------------------------------------------------------- DataArgs
 
 
@@ -1088,12 +1154,15 @@ def test_config_keys_equal_data_args_fields():
     (dict(name='lidc_pickle'), 'data.source_dir'),
     (dict(name='lidc_hdf5'), 'data.source_dir'),
     (dict(test_fraction=1.0), r'data.test_fraction must be in \[0, 1\)'),
-    (dict(split_file='s.json'), 'data.split_file is only read by'),
+    (dict(split_file='s.json'), "data.split_file is only read by data.name='lidc_pickle' "
+     "and 'nifti', got data.name='synthetic'"),
     (dict(hdf5_image_range=(1.0, 0.0)), 'data.hdf5_image_range'),
     (dict(hdf5_image_range=(0.0,)), 'data.hdf5_image_range must hold 2'),
     (dict(percentile_low=50, percentile_high=40), 'data.percentile_low'),
     (dict(percentile_high=101), 'data.percentile_high'),
     (dict(nifti_axis=3), 'data.nifti_axis must be 0, 1 or 2'),
+    (dict(seed=-1), r'^data.seed must be >= 0, got -1$'),
+    (dict(synthetic_seed=-2), r'^data.synthetic_seed must be >= 0, got -2$'),
     (dict(nifti_empty_fraction=1.5), r'data.nifti_empty_fraction must be in \[0, 1\]'),
     (dict(nifti_image_patterns='*flair*'), 'data.nifti_image_patterns must be a tuple'),
     (dict(name='nifti', source_dir='/x', nifti_image_patterns=('*a*', '*b*'),
@@ -1128,3 +1197,26 @@ def test_natural_order_is_total_for_names_equal_as_numbers():
   assert forward == ['p001', 'p01', 'p1', 'p02', 'p2', 'p010', 'p10', 'q']
   assert (splits.held_out_split(ids, 0.25, 0.25, 3, 'patient')
           == splits.held_out_split(ids[::-1], 0.25, 0.25, 3, 'patient'))
+  # Characters that are digits to str.isdigit but not to the regex ('²', '①') are text.
+  assert sorted(['case1²', 'case1', 'case①', 'case10'], key=splits.natural_key) == [
+      'case1', 'case1²', 'case10', 'case①']
+
+
+def test_missing_validation_split_hint_names_what_decides_it(tmp_path):
+  """The hint says what gives a 'validation' split for this reader."""
+  h5 = tmp_path / 'src' / 'd.hdf5'
+  os.makedirs(h5.parent)
+  images = np.zeros((2, 16, 16))
+  labels = np.zeros((2, 16, 16, 2), np.uint8)
+  _write_hdf5(h5, {'train': (images, labels), 'test': (images, labels)})
+  args = DataArgs(name='lidc_hdf5', source_dir=str(h5.parent), tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=16, num_annotators=2)
+  with pytest.raises(ConfigError, match=r"^split 'validation' does not exist; this dataset "
+                     r"has \('train', 'test'\) \(the HDF5 file has no 'val' group\)$"):
+    pipeline.num_examples(args, str(tmp_path), "validation")
+  synthetic = DataArgs(name='synthetic', image_size=16, num_annotators=2,
+                       synthetic_num_train=4, synthetic_num_test=2,
+                       tfds_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(ConfigError, match=r'\(set data.validation_fraction > 0 for a '
+                     r'validation split\)$'):
+    pipeline.num_examples(synthetic, str(tmp_path), "validation")

@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from cimd_jax.data import image_folder
+from cimd_jax.data import nifti
 from cimd_jax.data import pipeline
 from cimd_jax.data import provenance
 from cimd_jax.evaluation import calibration
@@ -27,7 +28,6 @@ from cimd_jax.inference import restore
 from cimd_jax.models.build import unet_param_shapes
 from cimd_jax import settings as settings_lib
 from cimd_jax.utils import atomic
-from cimd_jax.utils import locking
 from cimd_jax.utils.errors import InputError
 
 SCORE_KEYS = ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou', 'dice_mean')
@@ -138,13 +138,26 @@ def _manifest(prepared: Prepared, source: str, cases: list[Case], folders: list[
 
 
 def _write_all(stage: str, prepared: Prepared, cases: list[Case], folders: list[str],
-               desc: str) -> list[tuple[Case, np.ndarray]]:
+               desc: str, manifest: dict[str, Any], from_split: bool
+               ) -> list[tuple[Case, np.ndarray]]:
+  """Draws and writes the case folders (for 'nifti' splits STAGE/nifti/ volumes too)."""
   results = []
   for (case, masks), folder in zip(draw_cases(cases, prepared, desc), folders):
     reports.write_case(os.path.join(stage, folder), case.image, masks, case.experts,
                        title=case.case_id)
     results.append((case, masks))
+  if from_split and prepared.settings.data.name == 'nifti':
+    manifest['nifti_volumes'] = nifti.write_sampled_cases(
+        os.path.join(stage, 'nifti'), prepared.settings.data,
+        [(c.case_id, m) for c, m in results])
   return results
+
+
+def _commit(staged: atomic.StagedFolder, manifest: dict[str, Any]) -> None:
+  """Marks the manifest complete, writes it last and moves the folder into place."""
+  manifest['complete'] = True
+  reports.write_json(os.path.join(staged.path, 'manifest.json'), manifest)
+  staged.commit()
 
 
 def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str]) -> str:
@@ -168,17 +181,12 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   folders = reports.case_folder_names([c.case_id for c in cases])
   if jax.process_index() != 0:
     return out_dir
-  with locking.FolderLock(atomic.lock_path(out_dir), f'output folder {out_dir}'):
-    staged = atomic.StagedFolder(out_dir)
-    try:
-      manifest = _manifest(prepared, source, cases, folders)
-      manifest['skipped'] = skipped
-      _write_all(staged.path, prepared, cases, folders, 'sampling')
-      manifest['complete'] = True
-      reports.write_json(os.path.join(staged.path, 'manifest.json'), manifest)
-      staged.commit()
-    finally:
-      staged.discard()
+  with atomic.staged_output(out_dir) as staged:
+    manifest = _manifest(prepared, source, cases, folders)
+    manifest['skipped'] = skipped
+    _write_all(staged.path, prepared, cases, folders, 'sampling', manifest,
+               not s.sampling.input_dir)
+    _commit(staged, manifest)
   if skipped:
     logging.warning('Skipped %d unreadable input image(s):\n  %s', len(skipped),
                     '\n  '.join(skipped))
@@ -216,35 +224,27 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
                             os.path.join(workdir, 'eval', s.sampling.split))
   atomic.check_replaceable(out_dir, 'manifest.json', 'sampling.output_dir', (workdir,))
   folders = reports.case_folder_names([c.case_id for c in cases])
-  with locking.FolderLock(atomic.lock_path(out_dir), f'output folder {out_dir}'):
-    staged = atomic.StagedFolder(out_dir)
-    try:
-      manifest = _manifest(prepared, f'split:{s.sampling.split}', cases, folders)
-      results = _write_all(staged.path, prepared, cases, folders, 'evaluating')
-      per_image = score(results)
-      reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
-                                  [c.case_id for c in cases], folders, per_image,
-                                  tuple(per_image))
-      info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
-                                       'seed', 'use_ema', 'num_images', 'prediction')}
-      result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
-      frequencies = None
-      if all('structures' in (c.extras or {}) for c in cases):   # known truth (synthetic)
-        result['calibration'], *frequencies = calibration.over_cases(
-            [(c.extras['structures'], c.extras['structure_probs'], m) for c, m in results])
-      reports.write_json(os.path.join(staged.path, 'metrics.json'), result)
-      if on_results is not None:
-        on_results(results, staged.path)
-      manifest['complete'] = True
-      reports.write_json(os.path.join(staged.path, 'manifest.json'), manifest)
-      staged.commit()
-    finally:
-      staged.discard()
+  with atomic.staged_output(out_dir) as staged:
+    manifest = _manifest(prepared, f'split:{s.sampling.split}', cases, folders)
+    results = _write_all(staged.path, prepared, cases, folders, 'evaluating', manifest, True)
+    per_image = score(results)
+    reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
+                                [c.case_id for c in cases], folders, per_image, tuple(per_image))
+    info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
+                                     'seed', 'use_ema', 'num_images', 'prediction')}
+    result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
+    frequencies = None
+    if all('structures' in (c.extras or {}) for c in cases):   # known truth (synthetic)
+      result['calibration'], *frequencies = calibration.over_cases(
+          [(c.extras['structures'], c.extras['structure_probs'], m) for c, m in results])
+    reports.write_json(os.path.join(staged.path, 'metrics.json'), result)
+    if on_results is not None:
+      on_results(results, staged.path)
+    _commit(staged, manifest)
   if jax.process_index() == 0:
     tag = reports.eval_tag(s.sampling.split, s.sampling.short_name(s.diffusion.num_timesteps),
                            s.sampling.num_samples)
-    reports.write_tensorboard(workdir, tag, prepared.step, result,
-                              per_image, frequencies)
+    reports.write_tensorboard(workdir, tag, prepared.step, result, per_image, frequencies)
   logging.info('Evaluated %d images (N=%d): %s', len(cases), s.sampling.num_samples,
                ', '.join(f'{k}={v["mean"]:.4f}' for k, v in result['metrics'].items()))
   return results, result, out_dir

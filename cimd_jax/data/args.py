@@ -60,7 +60,8 @@ class DataArgs:
     test_fraction: 'lidc_pickle' (and 'nifti' without testing/): patient- or
       case-level fraction held out as 'test' (0: no test split).
     split_file: 'lidc_pickle': JSON file {'train': [series_uid, ...],
-      'validation': [...], 'test': [...]} fixing the split ('' = seeded split).
+      'validation': [...], 'test': [...]} fixing the split ('' = seeded split);
+      'nifti': the same with case folder names (of training/ and testing/).
     hdf5_image_range: 'lidc_hdf5': (low, high) of float images, mapped linearly to
       0..255 (PHiSeg stores image - 0.5: (-0.5, 0.5)).
     percentile_low: 'nifti' volumes and wider-than-8-bit 'folder' images: intensity
@@ -120,6 +121,9 @@ class DataArgs:
       raise ConfigError(f'data.test_fraction must be in [0, 1), got {self.test_fraction}')
     if self.worker_count < 0:
       raise ConfigError(f'data.worker_count must be >= 0, got {self.worker_count}')
+    for key in ('seed', 'synthetic_seed'):   # numpy's seeded generators take no negatives
+      if getattr(self, key) < 0:
+        raise ConfigError(f'data.{key} must be >= 0, got {getattr(self, key)}')
     low, high = self.hdf5_image_range
     if not low < high:
       raise ConfigError('data.hdf5_image_range must be (low, high) with low < high, got '
@@ -139,9 +143,9 @@ class DataArgs:
                           'nifti': '(ROOT with training/<case>/ and optionally testing/)',
                           'lidc_pickle': '(a folder of *.pickle files)',
                           'lidc_hdf5': '(the .hdf5 file or its folder)'}[self.name])
-    if self.split_file and self.name != 'lidc_pickle':
-      raise ConfigError("data.split_file is only read by data.name='lidc_pickle', got "
-                       f'data.name={self.name!r}')
+    if self.split_file and self.name not in ('lidc_pickle', 'nifti'):
+      raise ConfigError("data.split_file is only read by data.name='lidc_pickle' and "
+                        f"'nifti', got data.name={self.name!r}")
     if self.name == 'nifti':
       if len(self.nifti_image_patterns) != self.image_channels:
         raise ConfigError(

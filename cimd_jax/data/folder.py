@@ -196,15 +196,23 @@ def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
 
 
 def _load(folder: str, name: str) -> Image.Image:
+  """The file's one 2-D image; a multi-page file (TIFF stack, animation) is refused,
+  since PIL would read only its first page."""
   path = os.path.join(folder, name)
   try:
     with Image.open(path) as img:
+      pages = getattr(img, 'n_frames', 1)
       img.load()
-      return img.copy()
+      copy = img.copy()
   except Exception as e:  # PIL raises several types for broken or truncated files
     raise DataError(f'{_where(folder, name)}: cannot read image '
                     f'({type(e).__name__}: {e}); expected a readable JPEG, PNG or TIFF'
                     ) from e
+  if pages != 1:
+    raise DataError(f'{_where(folder, name)}: holds {pages} pages (a multi-page TIFF?); '
+                    'expected one 2-D image per file (several channels: one image_* file '
+                    'per channel)')
+  return copy
 
 
 def _check_size(img: Image.Image, folder: str, name: str, args: DataArgs) -> None:

@@ -14,6 +14,9 @@ Splits (case level, never by slice): 'test' is testing/ when it exists, else
 `data.test_fraction` of the training cases; 'validation' is
 `data.validation_fraction` of the remaining training cases; both seeded with
 `data.seed` (`splits.held_out_split`). A case name may not occur in both folders.
+With `data.split_file` (JSON {'train': [case, ...], 'validation': [...], 'test':
+[...]}, every case folder of training/ and testing/ listed once) the file decides:
+needed where one patient has several case folders (scans at several time points).
 
 Per case, all volumes must be 3-D (a trailing axis of length 1 is dropped) with the
 shape of the first sequence and its affine within `AFFINE_ATOL`. Each sequence is
@@ -64,6 +67,7 @@ from cimd_jax.data.records import DataError, SourceNotFoundError
 SPLIT_FOLDERS = {TRAIN: 'training', TEST: 'testing'}
 AXIS_NAMES = 'xyz'
 AFFINE_ATOL = 1e-3   # largest difference of two affines' entries (mm) still "equal"
+MAX_FRACTIONAL = 0.1  # share of a rater volume's voxels in (0, 1) still read as a mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,21 +138,23 @@ def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
     raise SourceNotFoundError(f'split folder {train_dir} does not exist; expected '
                               'ROOT/training/<case>/ (and optionally ROOT/testing/<case>/)')
   train = _case_folders(train_dir)
-  has_test = os.path.isdir(test_dir)
-  by_name = splits_lib.held_out_split(train, args.validation_fraction,
-                                      0.0 if has_test else args.test_fraction,
-                                      args.seed, 'case')
-  out = {split: [scan_case(os.path.join(train_dir, n), args) for n in names]
-         for split, names in by_name.items()}
-  if has_test:
-    test = _case_folders(test_dir)
-    both = sorted(set(test) & set(train), key=splits_lib.natural_key)
-    if both:
-      raise DataError(f'case folder {os.path.join(test_dir, both[0])}: its name is also a '
-                      f'case of {train_dir}; expected case names unique across training/ '
-                      'and testing/')
-    out[TEST] = [scan_case(os.path.join(test_dir, n), args) for n in test]
-  return out
+  test = _case_folders(test_dir) if os.path.isdir(test_dir) else []
+  both = sorted(set(test) & set(train), key=splits_lib.natural_key)
+  if both:
+    raise DataError(f'case folder {os.path.join(test_dir, both[0])}: its name is also a '
+                    f'case of {train_dir}; expected case names unique across training/ '
+                    'and testing/')
+  folders = {n: os.path.join(train_dir, n) for n in train}
+  folders.update({n: os.path.join(test_dir, n) for n in test})
+  if args.split_file:   # over both folders: e.g. all scans of one patient in one split
+    by_name = splits_lib.read_split_file(args.split_file, folders, 'case')
+  else:
+    by_name = splits_lib.held_out_split(train, args.validation_fraction,
+                                        0.0 if test else args.test_fraction, args.seed, 'case')
+    if test:
+      by_name[TEST] = test
+  return {split: [scan_case(folders[n], args) for n in names]
+          for split, names in by_name.items()}
 
 
 def _load_volume(folder: str, name: str) -> nib.spatialimages.SpatialImage:
@@ -183,13 +189,21 @@ def _data(img, folder: str, name: str) -> np.ndarray:
 
 def rater_mask(data: np.ndarray, where: str) -> np.ndarray:
   """A rater volume as bool (same shape): 0/1 or [0, 1] values are foreground above
-  0.5; a volume holding only 0 and 255 is foreground at 255. Anything else (labels
-  2, 3, ..., interpolated 0..255 edges, negative values, an intensity scan matched by
-  mistake) raises DataError naming `where`, instead of counting every voxel > 0.5."""
+  0.5 (fractional values allowed on at most MAX_FRACTIONAL of the voxels: a resampled
+  mask's edges); a volume holding only 0 and 255 is foreground at 255. Anything else
+  (labels 2, 3, ..., interpolated 0..255 edges, negative values, an intensity scan
+  matched by mistake, [0, 1]-normalised ones included) raises DataError naming
+  `where`, instead of counting every voxel > 0.5."""
   if not data.size:
     return np.zeros(data.shape, bool)
   low, high = data.min(), data.max()
   if low >= 0 and high <= 1:
+    fractional = float(np.mean((data > 0) & (data < 1)))
+    if fractional > MAX_FRACTIONAL:
+      raise DataError(f'{where}: {fractional:.0%} of the voxels lie strictly between 0 and '
+                      f'1 (an intensity scan matched by a rater pattern?); expected a mask: '
+                      f'0/1, fractional only at resampled edges (at most '
+                      f'{MAX_FRACTIONAL:.0%} of the voxels)')
     return data > 0.5
   if low >= 0 and high == 255 and np.all((data == 0) | (data == 255)):
     return data == 255
@@ -325,7 +339,9 @@ def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[s
   """Every parameter that changes the records (hashed into the config name)."""
   root = os.path.realpath(os.path.expanduser(args.source_dir))
   has_test = os.path.isdir(os.path.join(root, SPLIT_FOLDERS[TEST]))
-  seeded = (args.validation_fraction > 0 or (not has_test and args.test_fraction > 0)
+  fractions = not args.split_file    # else the split file decides ('files' holds its split)
+  seeded = ((fractions and (args.validation_fraction > 0 or
+                            (not has_test and args.test_fraction > 0)))
             or 0 < args.nifti_empty_fraction < 1)
   return {
       'kind': 'cimd_nifti',
@@ -339,8 +355,8 @@ def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[s
       'axis': args.nifti_axis,
       'percentiles': [args.percentile_low, args.percentile_high],
       'empty_fraction': args.nifti_empty_fraction,
-      'validation_fraction': args.validation_fraction,
-      'test_fraction': None if has_test else args.test_fraction,
+      'validation_fraction': args.validation_fraction if fractions else None,
+      'test_fraction': None if has_test or not fractions else args.test_fraction,
       'seed': args.seed if seeded else None,
       'format': records.VERSION,
   }
@@ -479,22 +495,26 @@ def write_volume(path: str, slices: dict[int, np.ndarray], reference_path: str,
   ref = nib.load(reference_path)
   shape = tuple(ref.shape[:3])
   values = [np.asarray(v) for v in slices.values()]
+  where = f'writing {path} (reference {reference_path})'
   if not values:
-    raise ValueError('write_volume needs at least one slice')
+    raise ValueError(f'{where}: no slice given; expected at least one')
   ndim = values[0].ndim
-  if ndim not in (2, 3) or any(v.ndim != ndim for v in values):
-    raise ValueError('slices must all be [S, S] or all [N, S, S]')
+  if (ndim not in (2, 3) or any(v.ndim != ndim for v in values)
+      or any(v.shape[-1] != v.shape[-2] for v in values)):
+    raise ValueError(f'{where}: slice shapes {sorted({v.shape for v in values})}; expected '
+                     'all [S, S] or all [N, S, S] (channels-last [S, S, 1] is not a slice)')
   extra = values[0].shape[:1] if ndim == 3 else ()
   dtype = np.dtype(dtype) if dtype is not None else np.result_type(*values)
   plane = tuple(n for a, n in enumerate(shape) if a != axis)
   moved = np.zeros((shape[axis],) + plane + extra, dtype)   # [n, h, w(, N)]
   for index, value in slices.items():
     if not 0 <= index < shape[axis]:
-      raise ValueError(f'slice {index} is outside 0..{shape[axis] - 1} (axis {axis})')
+      raise ValueError(f'{where}: slice {index} is outside 0..{shape[axis] - 1} (axis {axis})')
     if ndim == 3:
       value = np.moveaxis(value, 0, -1)
       if value.shape[-1] != extra[0]:
-        raise ValueError('every slice must hold the same number N of values')
+        raise ValueError(f'{where}: slice {index} holds {value.shape[-1]} values per voxel, '
+                         f'slice {next(iter(slices))} {extra[0]}; expected the same N')
     moved[index] = unfit(value, plane).astype(dtype)
   volume = np.moveaxis(moved, 0, axis)
   header = ref.header.copy() if isinstance(ref, nib.Nifti1Image) else None
@@ -526,3 +546,33 @@ def write_samples(output_dir: str, case: str, samples: dict[int, np.ndarray],
   write_volume(samples_path, masks, reference_path, axis, np.uint8)
   write_volume(freq_path, freq, reference_path, axis, np.float32)
   return samples_path, freq_path
+
+
+def write_sampled_cases(output_dir: str, args: DataArgs,
+                        drawn: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+  """Writes every case's sampled slices back as NIfTI volumes (`write_samples`).
+
+  Args:
+    output_dir: folder for <case>_samples.nii.gz and <case>_frequency.nii.gz.
+    args: the data settings the records were made with (source_dir, patterns, axis).
+    drawn: per sampled slice, (its record's case_id '<case>_<x|y|z><index>', masks
+      bool [N, S, S]).
+
+  Returns:
+    case -> {'samples': file name, 'frequency': file name, 'slices': the sampled slice
+    indices along data.nifti_axis}; the volumes are 0 on every other slice.
+  """
+  by_case: dict[str, dict[int, np.ndarray]] = collections.defaultdict(dict)
+  for case_id, masks in drawn:
+    case, axis, index = parse_case_id(case_id)
+    if axis != args.nifti_axis:
+      raise DataError(f'record {case_id!r} was cut along {AXIS_NAMES[axis]}; expected '
+                      f'data.nifti_axis={args.nifti_axis} ({AXIS_NAMES[args.nifti_axis]})')
+    by_case[case][index] = masks
+  written = {}
+  for case, slices in by_case.items():
+    paths = write_samples(output_dir, case, slices, reference_file(args, case),
+                          args.nifti_axis)
+    written[case] = {'samples': os.path.basename(paths[0]),
+                     'frequency': os.path.basename(paths[1]), 'slices': sorted(slices)}
+  return written

@@ -100,9 +100,16 @@ def _source(args: DataArgs, workdir: str, split: str):
   splits = tuple(builder.info.splits.keys())
   if split not in splits:
     raise ConfigError(f'split {split!r} does not exist; this dataset has {splits}'
-                     + (' (set data.validation_fraction > 0 for a validation split)'
-                        if split == 'validation' else ''))
+                      + (_validation_hint(args) if split == 'validation' else ''))
   return builder.as_data_source(split)
+
+
+def _validation_hint(args: DataArgs) -> str:
+  if args.name == 'lidc_hdf5':
+    return " (the HDF5 file has no 'val' group)"
+  if args.split_file:
+    return f" (data.split_file {args.split_file} lists no 'validation' case)"
+  return ' (set data.validation_fraction > 0 for a validation split)'
 
 
 def num_examples(args: DataArgs, workdir: str, split: str) -> int:

@@ -28,7 +28,7 @@ SPLIT_NAMES = (TRAIN, VALIDATION, TEST)
 def natural_key(name: str) -> tuple:
   """Sort key that orders digit runs numerically: '2' < '10', 'a2' < 'a10'; names
   equal as numbers ('p01', 'p1') by the name itself, so that every order is total."""
-  parts = tuple((0, int(part), '') if part.isdigit() else (1, 0, part)
+  parts = tuple((0, int(part), '') if part.isdecimal() else (1, 0, part)   # '²': text
                 for part in re.split(r'(\d+)', name) if part)
   return parts, name
 

@@ -10,16 +10,19 @@ no old metrics.json beside new masks). `check_replaceable` refuses, before any
 work, a `final_dir` that is not an earlier output (the workdir, a parent folder, a
 folder of other files), which a commit would delete. Use StagedFolder under a
 `locking.FolderLock` on the same output so that no other live process owns a
-staging folder. `write_text` does the same for one file.
+staging folder (`staged_output` does both). `write_text` does the same for one file.
 """
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+from typing import Iterator
 
 from absl import logging
 
+from cimd_jax.utils import locking
 from cimd_jax.utils.errors import ConfigError
 
 
@@ -116,3 +119,15 @@ class StagedFolder:
     """Removes the staging folder (nothing of this run reaches `final_dir`)."""
     if not self.committed:
       shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(final_dir: str) -> Iterator[StagedFolder]:
+  """A StagedFolder for `final_dir` under the lock on that output; whatever the
+  caller has not committed when the block ends (by an error too) is removed."""
+  with locking.FolderLock(lock_path(final_dir), f'output folder {final_dir}'):
+    staged = StagedFolder(final_dir)
+    try:
+      yield staged
+    finally:
+      staged.discard()
