@@ -18,6 +18,12 @@ def test_included_counts_half_coverage():
   np.testing.assert_array_equal(calibration.included(masks, region), [True, False, True])
   with pytest.raises(ValueError):
     calibration.included(masks, np.zeros((4, 4)))
+  # 0/1 integers count as the bool masks do; masks still in diffusion space ({-1, 1},
+  # every pixel non-zero) are refused instead of including every structure.
+  np.testing.assert_array_equal(calibration.included(masks.astype(np.uint8), region),
+                                [True, False, True])
+  with pytest.raises(ValueError, match=r'^masks: values must be 0 or 1 \(or bool\), found -1'):
+    calibration.included(np.where(masks, 1.0, -1.0), region)
 
 
 def test_structure_frequencies_and_summary_by_hand():

@@ -376,3 +376,17 @@ def test_accepts_0_1_numbers_and_jax_arrays():
     got = metrics.evaluate(g[None], p[None])
     for k in KEYS:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize('m,n', [(4, 5), (4, 6), (3, 7), (4, 100)])
+def test_ged_of_identical_sets_is_exactly_zero(m, n):
+  """Two sets of identical masks (all empty, as on many LIDC slices, or all one
+  mask): D²_GED = 2·d̄ − d̄ − d̄ with every d = 0, so 0 exactly, never -2e-8
+  (float32 means that do not cancel exactly)."""
+  one = np.zeros((8, 8), bool)
+  one[2:5, 1:7] = True
+  for mask in (np.zeros((8, 8), bool), one):
+    gts = np.broadcast_to(mask, (1, m, 8, 8))
+    preds = np.broadcast_to(mask, (1, n, 8, 8))
+    assert metrics.evaluate(gts, preds)['ged'][0] == 0.0
+    assert metrics.ged(gts[0], preds[0]) == 0.0

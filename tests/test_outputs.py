@@ -172,6 +172,24 @@ def test_standard_error_uses_the_sample_std_and_needs_two_images():
   assert one['mean'] == pytest.approx(0.7) and np.isnan(one['sem'])
 
 
+def test_json_outputs_are_strict_json_with_numbers_not_strings(tmp_path):
+  """metrics.json of one image: its standard error is null, not a bare NaN token that
+  jq and JavaScript refuse; NumPy scalars and arrays are numbers and lists, not their
+  str() (which json's default=str would write)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  content = {'metrics': reports.summarize({'ci': np.array([0.7])}),
+             'freq': np.float32(0.25), 'counts': np.array([1, 2]), 'inf': float('inf'),
+             'nested': [{'x': np.nan}, (np.int64(3), 'a')]}
+  path = tmp_path / 'metrics.json'
+  reports.write_json(str(path), content)
+  text = path.read_text()
+  assert 'NaN' not in text and 'Infinity' not in text
+  back = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-strict token {c}'))
+  assert back == {'metrics': {'ci': {'mean': 0.7, 'std': 0.0, 'sem': None, 'count': 1}},
+                  'freq': 0.25, 'counts': [1, 2], 'inf': None,
+                  'nested': [{'x': None}, [3, 'a']]}
+
+
 def test_more_than_100_samples_read_back_in_written_order(tmp_path):
   """sample_100.png sorts before sample_11.png by name; read back by number."""
   import numpy as np  # pylint: disable=g-import-not-at-top

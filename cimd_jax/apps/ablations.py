@@ -105,7 +105,8 @@ def _done(out_dir: str, requested: settings_lib.Settings, step: int
 
 
 def row(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
-  """(mean, standard error) of each column from an evaluation's metrics.json."""
+  """(mean, standard error) of each column from an evaluation's metrics.json (a null
+  there, e.g. the standard error of one image, as NaN)."""
   m, cal = result['metrics'], result.get('calibration', {})
   out = {k: (m[k]['mean'], m[k]['sem']) for k in ('ged', 'ci', 'da', 'hm_iou')}
   out['calibration'] = (cal.get('mae_ambiguous', float('nan')),
@@ -113,7 +114,7 @@ def row(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
   out['never_drawn'] = (cal.get('max_freq_never_drawn', float('nan')), float('nan'))
   fg = m.get('all_foreground', {})     # absent from evaluations written before it existed
   out['all_foreground'] = (fg.get('mean', float('nan')), fg.get('sem', float('nan')))
-  return out
+  return {k: tuple(float('nan') if v is None else v for v in pair) for k, pair in out.items()}
 
 
 def commands(config_file: str, workdir: str, ambiguity: str, prediction: str, sampler: str,

@@ -15,15 +15,19 @@ independent draws at the true probabilities, above 1 when they scatter further.
 
 import numpy as np
 
+from cimd_jax.evaluation import metrics
+
 
 def included(masks: np.ndarray, region: np.ndarray, cover: float = 0.5) -> np.ndarray:
-  """Whether each mask covers >= `cover` of `region`: masks bool [N, H, W], region
-  [H, W] -> bool [N]."""
+  """Whether each mask covers >= `cover` of `region`: masks [N, H, W] (bool, or 0/1
+  values; anything else, e.g. {-1, 1} masks still in diffusion space, is a
+  ValueError), region [H, W] -> bool [N]."""
+  masks = metrics.as_masks(masks, 'masks', '[N, H, W]')
   region = np.asarray(region) > 0
   area = int(region.sum())
   if area == 0:
     raise ValueError('structure region is empty')
-  inside = np.logical_and(np.asarray(masks, bool), region[None]).reshape(len(masks), -1).sum(1)
+  inside = np.logical_and(masks, region[None]).reshape(len(masks), -1).sum(1)
   return inside >= cover * area
 
 

@@ -38,8 +38,9 @@ plus the union counts for `S_c`. All counts are exact int32 (P ≤ 2^31); ratios
 formed from them in float32 (numerators and denominators are integers ≤ 2^24 for
 masks up to 4096×4096, hence exact, each division correctly rounded), the variance as
 `(q − r·(r/P))/P` with `q = a + b`, `r = a − b`, and means over pairs are pairwise
-(tree) sums, so every metric agrees with a float64 computation to ~1e-7 for M, N ≤ 128
-and masks up to 1024×1024. The popcount is a SWAR bit count with per-byte partial sums
+(tree) sums — GED's three means are taken on the host in float64 from the float32 IoU
+matrices, since they nearly cancel (identical sets give exactly 0) — so every metric
+agrees with a float64 computation to ~1e-7 for M, N ≤ 128 and masks up to 1024×1024. The popcount is a SWAR bit count with per-byte partial sums
 (XLA on CPU vectorises it; `lax.population_count` plus a reduce runs ~6x slower there).
 
 Inputs may be bool, or integer/float arrays holding only 0 and 1 (NumPy or JAX);
@@ -73,7 +74,7 @@ _CHUNK_BYTES = 256 * 2**20
 # ----------------------------------------------------------------------------- input
 
 
-def _as_masks(x: Any, name: str, layout: str) -> np.ndarray:
+def as_masks(x: Any, name: str, layout: str) -> np.ndarray:
   """Checks a mask array and returns it as NumPy bool with the layout's rank.
 
   Args:
@@ -207,8 +208,9 @@ def _image_metrics(gt_packed: jax.Array, pred_packed: jax.Array, num_pixels: int
     num_pixels: P = H·W (static).
 
   Returns:
-    {'sc', 'dmax', 'da', 'ci', 'ged', 'dice_mean'}: float32 scalars, and
-    'iou_gp': float32 [M, N], IoU of expert i and prediction j (HM-IoU's cost).
+    {'sc', 'dmax', 'da', 'ci', 'dice_mean'}: float32 scalars, and the IoU matrices
+    'iou_gp' float32 [M, N] (expert i, prediction j: HM-IoU's cost and GED),
+    'iou_gg' [M, M] and 'iou_pp' [N, N] (GED, formed on the host: `_device_metrics`).
   """
   m = gt_packed.shape[0]
   k = m + pred_packed.shape[0]
@@ -241,11 +243,8 @@ def _image_metrics(gt_packed: jax.Array, pred_packed: jax.Array, num_pixels: int
   denom = sc + dmax + da
   ci = jnp.where(denom == 0, 0.0, 3.0 * sc * dmax * da / jnp.where(denom == 0, 1.0, denom))
 
-  # GED = 2(1 - mean IoU_gp) - (1 - mean IoU_pp) - (1 - mean IoU_gg).
-  mean_gp = _tree_mean(iou_gp)
-  ged = (_tree_mean(iou_pp) - mean_gp) + (_tree_mean(iou_gg) - mean_gp)
-  return {'sc': sc, 'dmax': dmax, 'da': da, 'ci': ci, 'ged': ged,
-          'dice_mean': _tree_mean(dice_gp), 'iou_gp': iou_gp}
+  return {'sc': sc, 'dmax': dmax, 'da': da, 'ci': ci, 'dice_mean': _tree_mean(dice_gp),
+          'iou_gp': iou_gp, 'iou_gg': iou_gg, 'iou_pp': iou_pp}
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -334,7 +333,7 @@ def _pairwise(a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
   arrays = []
   for name, x, letter in (('a', a, 'A'), ('b', b, 'B')):
     layout = '[H, W]' if np.ndim(x) == 2 else f'[{letter}, H, W]'
-    arrays.append(_as_masks(x, name, layout))
+    arrays.append(as_masks(x, name, layout))
   ma, mb = arrays
   _check_pair(ma, mb, batched=False, names=('a', 'b'))
   dice_ab, iou_ab = _cross_ratios(_pack(ma.reshape((-1,) + ma.shape[-2:])),
@@ -363,7 +362,14 @@ def _device_metrics(gts: np.ndarray, preds: np.ndarray) -> dict[str, np.ndarray]
     sl = slice(c * chunk, (c + 1) * chunk)
     outs.append(_batch_metrics(gt_packed[sl], pred_packed[sl], num_pixels))
   outs = jax.device_get(outs)
-  return {k: np.concatenate([o[k] for o in outs])[:batch] for k in outs[0]}
+  out = {k: np.concatenate([o[k] for o in outs])[:batch] for k in outs[0]}
+  # GED = 2(1 - mean IoU_gp) - (1 - mean IoU_pp) - (1 - mean IoU_gg), its means in
+  # float64 here: they nearly cancel, and float32 means on the device left GED at
+  # -2e-8 for two sets of identical (e.g. all empty) masks instead of 0.
+  mean = lambda x: x.astype(np.float64).mean(axis=(1, 2))
+  mean_gp = mean(out['iou_gp'])
+  out['ged'] = (mean(out.pop('iou_pp')) - mean_gp) + (mean(out.pop('iou_gg')) - mean_gp)
+  return out
 
 
 def evaluate(gts: Any, preds: Any) -> dict[str, np.ndarray]:
@@ -375,10 +381,11 @@ def evaluate(gts: Any, preds: Any) -> dict[str, np.ndarray]:
 
   Returns:
     {'sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou', 'dice_mean'}: float64 NumPy [B]
-    (computed in float32 on device; hm_iou from the float32 IoU matrix on the host).
+    (computed in float32 on device; hm_iou and ged from the float32 IoU matrices on
+    the host, ged's means in float64).
   """
-  gts = _as_masks(gts, 'gts', '[B, M, H, W]')
-  preds = _as_masks(preds, 'preds', '[B, N, H, W]')
+  gts = as_masks(gts, 'gts', '[B, M, H, W]')
+  preds = as_masks(preds, 'preds', '[B, N, H, W]')
   _check_pair(gts, preds, batched=True)
   out = _device_metrics(gts, preds)
   ious = out.pop('iou_gp')
@@ -387,8 +394,8 @@ def evaluate(gts: Any, preds: Any) -> dict[str, np.ndarray]:
 
 
 def _single(gts: Any, preds: Any) -> dict[str, np.ndarray]:
-  gts = _as_masks(gts, 'gts', '[M, H, W]')
-  preds = _as_masks(preds, 'preds', '[N, H, W]')
+  gts = as_masks(gts, 'gts', '[M, H, W]')
+  preds = as_masks(preds, 'preds', '[N, H, W]')
   _check_pair(gts, preds, batched=False)
   return {k: v[0] for k, v in _device_metrics(gts[None], preds[None]).items()}
 
@@ -462,7 +469,7 @@ def uncertainty_maps(preds: Any) -> tuple[jax.Array, jax.Array]:
     (frequency, variance), float32 [H, W] each: frequency = (1/N) Σ_j P_j, and the
     population variance (ddof = 0) of the N binary values, frequency·(1 − frequency).
   """
-  masks = _as_masks(preds, 'preds', '[N, H, W]')
+  masks = as_masks(preds, 'preds', '[N, H, W]')
   counts = jnp.asarray(masks).astype(jnp.int32).sum(0).astype(jnp.float32)
   n = jnp.float32(masks.shape[0])
   frequency = counts / n

@@ -86,9 +86,25 @@ def read_case_masks(case_dir: str) -> np.ndarray:
   return np.stack([np.asarray(Image.open(os.path.join(case_dir, n))) > 127 for n in names])
 
 
+def _plain(value: Any) -> Any:
+  """`value` with NumPy scalars and arrays as Python numbers and lists, and NaN/inf
+  as None, so that the file is strict JSON (jq, JavaScript: no bare NaN tokens)."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (np.ndarray, np.generic)):
+    return _plain(value.tolist())
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
 def write_json(path: str, content: dict[str, Any]) -> None:
-  """`content` as indented JSON at `path`, complete or absent (atomic.write_text)."""
-  atomic.write_text(path, json.dumps(content, indent=2, sort_keys=True, default=str))
+  """`content` as indented, strict JSON at `path` (a NaN, e.g. the standard error of
+  one image, as null), complete or absent (atomic.write_text)."""
+  atomic.write_text(path, json.dumps(_plain(content), indent=2, sort_keys=True,
+                                     default=str, allow_nan=False))
 
 
 def write_report(workdir: str, name: str, table: str, content: dict[str, Any]) -> str:
