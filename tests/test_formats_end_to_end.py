@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cimd_jax.apps import sample_inputs
 from cimd_jax.apps import sampling
 from tests import helpers
 
@@ -155,3 +156,47 @@ def test_nifti_sample_of_every_slice_with_the_empty_fraction_overridden(nifti_ru
   assert {c: v['slices'] for c, v in volumes.items()} == {
       'p4': list(range(SHAPE[2])), 'p5': list(range(SHAPE[2]))}
   assert nib.load(os.path.join(out, 'nifti', volumes['p4']['samples'])).shape == SHAPE + (2,)
+
+
+def test_nifti_input_folder_of_unlabelled_scans_is_sampled_slice_by_slice(nifti_run, tmp_path):
+  """--config.sampling.input_dir with NIfTI case folders holding only the sequences
+  (a new patient, no raters): every slice is sampled and written back with the
+  scan's affine; a folder missing a sequence is skipped (skip_bad_inputs), named."""
+  make, workdir, root, vols = nifti_run
+  inputs = tmp_path / 'new_scans'
+  affine = AFFINE.copy()
+  affine[:3, 3] = [1.0, 2.0, 3.0]                      # not the training scans' affine
+  for case in ('q1', 'q2'):
+    os.makedirs(inputs / case)
+    for kind in ('flair', 't1') if case == 'q1' else ('flair',):
+      nib.save(nib.Nifti1Image(vols['p4'][kind], affine),
+               str(inputs / case / f'{case}_{kind}.nii.gz'))
+  s = make(sampling__input_dir=str(inputs), sampling__output_dir=str(tmp_path / 'out'),
+           sampling__num_samples=2, sampling__skip_bad_inputs=True)
+  out = sampling.run_sample(s, workdir, set())
+  with open(os.path.join(out, 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert sorted(manifest['cases']) == [f'q1_z{z}' for z in range(SHAPE[2])]
+  assert len(manifest['skipped']) == 1 and 'q2' in manifest['skipped'][0]
+  assert "'*t1*'" in manifest['skipped'][0]
+  info = manifest['nifti_volumes']['q1']
+  assert info['slices'] == list(range(SHAPE[2]))
+  samples = nib.load(os.path.join(out, 'nifti', info['samples']))
+  assert samples.shape == SHAPE + (2,)
+  np.testing.assert_allclose(samples.affine, affine, atol=1e-6)
+  got = np.asarray(samples.dataobj)
+  for z in range(SHAPE[2]):
+    folder = os.path.join(out, manifest['cases'][f'q1_z{z}'])
+    pngs = np.stack([np.asarray(Image.open(os.path.join(folder, f'sample_{n:02d}.png'))) > 127
+                     for n in range(2)], -1)
+    np.testing.assert_array_equal(got[:, 1:17, z] > 0, pngs[1:15])
+  # The input slices are the records' slices of the same volumes (p4 is a test case).
+  split = sample_inputs.dataset_cases(make(), workdir)
+  by_id = {c.case_id: c.image for c in split}
+  read = sample_inputs.folder_inputs(make(sampling__input_dir=str(inputs / 'q1')))
+  assert [c.case_id for c in read.cases] == [f'q1_z{z}' for z in range(SHAPE[2])]
+  for case in read.cases:
+    z = case.case_id.split('_z')[1]
+    if f'p4_z{z}' in by_id:
+      np.testing.assert_array_equal(case.image, by_id[f'p4_z{z}'])
+  assert any(f'p4_z{z}' in by_id for z in range(SHAPE[2]))

@@ -22,7 +22,7 @@ import pytest
 from tests import helpers
 from tests.conftest import LIDC_SAMPLE
 from configs import default as default_config
-from cimd_jax.apps import sampling
+from cimd_jax.apps import sample_inputs
 from cimd_jax.data import DataArgs
 from cimd_jax.data import folder
 from cimd_jax.data import image_folder
@@ -281,7 +281,7 @@ def test_sampling_data_changed_since_training_is_named(tmp_path, caplog):
   with open(os.path.join(root, 'part_more.pickle'), 'wb') as fh:
     pickle.dump(more, fh, protocol=4)
   with caplog.at_level(logging.WARNING):
-    cases = sampling.dataset_cases(s, run)                       # what sample/evaluate read
+    cases = sample_inputs.dataset_cases(s, run)                       # what sample/evaluate read
   assert cases and not provenance.check_sampling(args, run, 'test')
   assert len(caplog.records) == 2 and root in caplog.records[0].getMessage()
   assert "'test' split" in caplog.records[0].getMessage()

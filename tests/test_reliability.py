@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from cimd_jax import checkpoint
+from cimd_jax.apps import sample_inputs
 from cimd_jax.apps import sampling
 from cimd_jax.data import pipeline
 from cimd_jax.data import provenance
@@ -321,7 +322,7 @@ def test_killed_evaluate_then_smaller_n_leaves_exactly_n_masks(trained, tmp_path
         f'sample_{i:02d}.png' for i in range(4)]
   # metrics.json describes the masks on disk.
   s = helpers.settings(tfds, data__synthetic_num_test=24)
-  cases = sampling.dataset_cases(s, str(workdir))
+  cases = sample_inputs.dataset_cases(s, str(workdir))
   preds = np.stack([reports.read_case_masks(str(out / r['folder'])) for r in rows])
   from cimd_jax import metrics  # pylint: disable=g-import-not-at-top
   per_image = metrics.evaluate(np.stack([c.experts for c in cases]), preds)

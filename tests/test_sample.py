@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cimd_jax import metrics
+from cimd_jax.apps import sample_inputs
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
 from cimd_jax.utils.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
@@ -81,7 +82,7 @@ def test_evaluate_metrics_match_written_pngs(trained, tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == s.data.synthetic_num_test
   # Recompute from the written PNGs and the dataset's experts.
-  cases = sampling.dataset_cases(s, str(workdir))
+  cases = sample_inputs.dataset_cases(s, str(workdir))
   gts = np.stack([c.experts for c in cases])
   preds = np.stack([reports.read_case_masks(os.path.join(out, row['folder'])) for row in rows])
   assert [r['case_id'] for r in rows] == [c.case_id for c in cases]

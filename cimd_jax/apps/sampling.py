@@ -1,5 +1,6 @@
-"""`--mode=sample` and `--mode=evaluate`: ensembles from a checkpoint, written as files
-people can open (evaluation.reports), and scored (evaluation.metrics).
+"""`--mode=sample` and `--mode=evaluate`: ensembles from a checkpoint for the inputs
+`sample_inputs` reads, written as files people can open (evaluation.reports; NIfTI
+cases also as volumes, data.nifti), and scored (evaluation.metrics).
 
 Both write into a staging folder under a lock on the output folder and move it into
 place only when complete (utils.atomic), so a killed run never leaves a folder that
@@ -16,10 +17,9 @@ import jax
 import numpy as np
 import tqdm
 
-from cimd_jax.data import image_folder
+from cimd_jax.apps import sample_inputs
+from cimd_jax.apps.sample_inputs import Case
 from cimd_jax.data import nifti
-from cimd_jax.data import pipeline
-from cimd_jax.data import provenance
 from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
 from cimd_jax.evaluation import reports
@@ -31,16 +31,6 @@ from cimd_jax.utils import atomic
 from cimd_jax.utils.errors import InputError
 
 SCORE_KEYS = ('sc', 'dmax', 'da', 'ci', 'ged', 'hm_iou', 'dice_mean')
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  """One image to sample: image float [H, W, C] in [-1, 1], experts bool [A, H, W]
-  (None for unlabelled images), extras (synthetic: structures, structure_probs)."""
-  case_id: str
-  image: np.ndarray
-  experts: np.ndarray | None = None
-  extras: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,42 +55,6 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
   draw = ensemble.make_ensemble_fn(settings.model, settings.data.image_size,
                                    settings.diffusion, settings.sampling)
   return Prepared(settings, restored.params, restored.step, draw)
-
-
-def dataset_cases(settings: settings_lib.Settings, workdir: str) -> list[Case]:
-  """The cases of sampling.split (its first sampling.max_images), all experts."""
-  provenance.prepare_for_sampling(settings.data, workdir, settings.sampling.split)
-  batches = pipeline.eval_batches(settings.data, workdir, settings.sampling.split,
-                                  batch_size=8, max_examples=settings.sampling.max_images)
-  cases = []
-  for batch in batches:
-    for i in range(len(batch['image'])):
-      extras = {k: np.asarray(v[i]) for k, v in batch.items()
-                if k not in ('image', 'masks', 'case_id')}
-      cid = batch['case_id'][i]
-      cases.append(Case(cid.decode() if isinstance(cid, bytes) else str(cid),
-                        np.asarray(batch['image'][i]), batch['masks'][i] > 0, extras))
-  return cases
-
-
-def folder_cases(settings: settings_lib.Settings) -> tuple[list[Case], list[str]]:
-  """Cases of sampling.input_dir and the messages of skipped bad images (without
-  sampling.skip_bad_inputs the first bad image raises InputError naming the file)."""
-  data, sampling = settings.data, settings.sampling
-  cases, skipped = [], []
-  found = image_folder.list_input_images(sampling.input_dir)
-  if sampling.max_images > 0:
-    found = found[:sampling.max_images]
-  for found_case in found:
-    try:
-      img = image_folder.read_input_image(found_case, data)
-    except image_folder.BadInputImage as e:
-      if not sampling.skip_bad_inputs:
-        raise InputError(str(e)) from e
-      skipped.append(str(e))
-      continue
-    cases.append(Case(found_case.case_id, img.image))
-  return cases, skipped
 
 
 def draw_cases(cases: list[Case], prepared: Prepared, desc: str
@@ -137,19 +91,19 @@ def _manifest(prepared: Prepared, source: str, cases: list[Case], folders: list[
   }
 
 
-def _write_all(stage: str, prepared: Prepared, cases: list[Case], folders: list[str],
-               desc: str, manifest: dict[str, Any], from_split: bool
+def _write_all(stage: str, prepared: Prepared, inputs: sample_inputs.Inputs,
+               folders: list[str], desc: str, manifest: dict[str, Any]
                ) -> list[tuple[Case, np.ndarray]]:
-  """Draws and writes the case folders (for 'nifti' splits STAGE/nifti/ volumes too)."""
+  """Draws and writes the case folders (NIfTI cases: STAGE/nifti/ volumes too)."""
   results = []
-  for (case, masks), folder in zip(draw_cases(cases, prepared, desc), folders):
+  for (case, masks), folder in zip(draw_cases(inputs.cases, prepared, desc), folders):
     reports.write_case(os.path.join(stage, folder), case.image, masks, case.experts,
                        title=case.case_id)
     results.append((case, masks))
-  if from_split and prepared.settings.data.name == 'nifti':
+  if inputs.volume_of is not None:
     manifest['nifti_volumes'] = nifti.write_sampled_cases(
-        os.path.join(stage, 'nifti'), prepared.settings.data,
-        [(c.case_id, m) for c, m in results])
+        os.path.join(stage, 'nifti'), prepared.settings.data.nifti_axis,
+        [(c.case_id, m) for c, m in results], inputs.volume_of)
   return results
 
 
@@ -167,12 +121,13 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   s = prepared.settings
   if s.sampling.input_dir:
     source = os.path.abspath(os.path.expanduser(s.sampling.input_dir))
-    cases, skipped = folder_cases(s)
+    inputs = sample_inputs.folder_inputs(s)
     name = os.path.basename(os.path.normpath(s.sampling.input_dir))
   else:
     source = f'split:{s.sampling.split}'
-    cases, skipped = dataset_cases(s, workdir), []
+    inputs = sample_inputs.split_inputs(s, workdir)
     name = s.sampling.split
+  cases, skipped = inputs.cases, inputs.skipped
   if not cases:
     raise InputError(f'nothing to sample: {source} has no usable images')
   out_dir = os.path.abspath(s.sampling.output_dir or os.path.join(workdir, 'samples', name))
@@ -184,8 +139,7 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   with atomic.staged_output(out_dir) as staged:
     manifest = _manifest(prepared, source, cases, folders)
     manifest['skipped'] = skipped
-    _write_all(staged.path, prepared, cases, folders, 'sampling', manifest,
-               not s.sampling.input_dir)
+    _write_all(staged.path, prepared, inputs, folders, 'sampling', manifest)
     _commit(staged, manifest)
   if skipped:
     logging.warning('Skipped %d unreadable input image(s):\n  %s', len(skipped),
@@ -217,7 +171,8 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
   """
   prepared = prepare(settings, workdir, overrides)
   s = prepared.settings
-  cases = dataset_cases(s, workdir)
+  inputs = sample_inputs.split_inputs(s, workdir)
+  cases = inputs.cases
   if not cases:
     raise InputError(f'split {s.sampling.split!r} has no images to evaluate')
   out_dir = os.path.abspath(s.sampling.output_dir or
@@ -226,7 +181,7 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
   folders = reports.case_folder_names([c.case_id for c in cases])
   with atomic.staged_output(out_dir) as staged:
     manifest = _manifest(prepared, f'split:{s.sampling.split}', cases, folders)
-    results = _write_all(staged.path, prepared, cases, folders, 'evaluating', manifest, True)
+    results = _write_all(staged.path, prepared, inputs, folders, 'evaluating', manifest)
     per_image = score(results)
     reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
                                 [c.case_id for c in cases], folders, per_image, tuple(per_image))

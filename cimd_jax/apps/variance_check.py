@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cimd_jax import settings as settings_lib
-from cimd_jax.apps import sampling
+from cimd_jax.apps import sample_inputs
 from cimd_jax.diffusion import gaussian
 from cimd_jax.inference import model as model_lib
 from cimd_jax.models.build import build_unet
@@ -121,7 +121,7 @@ def _run() -> None:
   s = settings_lib.from_config({**settings_lib.to_dict(s), 'sampling': {
       **settings_lib.to_dict(s)['sampling'], 'split': _SPLIT.value,
       'max_images': _MAX_IMAGES.value}})
-  cases = sampling.dataset_cases(s, _WORKDIR.value)
+  cases = sample_inputs.dataset_cases(s, _WORKDIR.value)
   images = np.stack([c.image for c in cases]).astype(np.float32)
   experts = np.stack([c.experts for c in cases])
   print(f'{len(cases)} images x {experts.shape[1]} experts of split {_SPLIT.value!r}, '

@@ -51,7 +51,7 @@ import dataclasses
 import fnmatch
 import os
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import nibabel as nib
@@ -90,13 +90,14 @@ def _where(folder: str, file: str | None = None) -> str:
   return f'case folder {folder}' + (f', file {file}' if file else '')
 
 
-def scan_case(folder: str, args: DataArgs) -> CaseFiles:
-  """Matches the patterns in one case folder (reads no file)."""
+def scan_case(folder: str, args: DataArgs, raters: bool = True) -> CaseFiles:
+  """Matches the patterns in one case folder (reads no file); with raters=False
+  (an unlabelled input) only the sequences' patterns, and `raters` is ()."""
   names = sorted(n for n in os.listdir(folder)
                  if not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
   owner: dict[str, str] = {}
-  chosen = {}
-  for key in ('nifti_image_patterns', 'nifti_rater_patterns'):
+  chosen = {'nifti_rater_patterns': ()}
+  for key in ('nifti_image_patterns', 'nifti_rater_patterns')[:2 if raters else 1]:
     picked = []
     for i, pattern in enumerate(getattr(args, key)):
       hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -277,9 +278,9 @@ def kept_slices(marked: np.ndarray, fraction: float, seed: int, case: str) -> np
   return np.sort(np.concatenate([np.flatnonzero(marked), extra]))
 
 
-def read_case(case: CaseFiles, args: DataArgs) -> list[dict[str, Any]]:
-  """The records of one case (kept slices in order): image uint8 [S, S, C], masks
-  uint8 [A, S, S], case_id. Checks shapes, affines, values and the crop."""
+def _load_case(case: CaseFiles) -> list[tuple[str, Any]]:
+  """(file name, image) of the case's sequences then raters; all of one shape and
+  (within AFFINE_ATOL) one affine, else DataError."""
   folder = case.folder
   vols = [(name, _load_volume(folder, name)) for name in case.images + case.raters]
   ref_name, ref = vols[0]
@@ -291,15 +292,36 @@ def read_case(case: CaseFiles, args: DataArgs) -> list[dict[str, Any]]:
       diff = float(np.max(np.abs(img.affine - ref.affine)))
       raise DataError(f'{_where(folder, name)}: affine differs from {ref_name}\'s by up to '
                       f'{diff:.4g}; expected equal affines (within {AFFINE_ATOL})')
+  return vols
+
+
+def _sequence_slices(case: CaseFiles, vols: list[tuple[str, Any]], args: DataArgs
+                     ) -> np.ndarray:
+  """The sequences normalised (intensity.to_uint8) and cut along data.nifti_axis:
+  uint8 [n, h, w, C]."""
+  images = [intensity.to_uint8(_data(img, case.folder, name), args.percentile_low,
+                               args.percentile_high) for name, img in vols[:len(case.images)]]
+  return np.stack([np.moveaxis(v, args.nifti_axis, 0) for v in images], -1)
+
+
+def read_input_case(case: CaseFiles, args: DataArgs) -> list[tuple[str, np.ndarray]]:
+  """(case_id, image uint8 [S, S, C]) of every slice of an unlabelled case
+  (`scan_case(..., raters=False)`), in order, fitted as the records are (`fit`)."""
+  images = _sequence_slices(case, _load_case(case), args)
+  return [(case_slice_id(case.case, args.nifti_axis, k), fit(images[k], args.image_size))
+          for k in range(images.shape[0])]
+
+
+def read_case(case: CaseFiles, args: DataArgs) -> list[dict[str, Any]]:
+  """The records of one case (kept slices in order): image uint8 [S, S, C], masks
+  uint8 [A, S, S], case_id. Checks shapes, affines, values and the crop."""
+  folder = case.folder
+  vols = _load_case(case)
   axis, size = args.nifti_axis, args.image_size
-  images = []
-  for name, img in vols[:len(case.images)]:
-    images.append(intensity.to_uint8(_data(img, folder, name), args.percentile_low,
-                                     args.percentile_high))
   masks = [rater_mask(_data(img, folder, name), _where(folder, name))
            for name, img in vols[len(case.images):]]
   # Move the slicing axis first: volume [n, h, w].
-  images = np.stack([np.moveaxis(v, axis, 0) for v in images], -1)   # [n, h, w, C]
+  images = _sequence_slices(case, vols, args)                        # [n, h, w, C]
   masks = np.stack([np.moveaxis(m, axis, 0) for m in masks], 1)      # [n, A, h, w]
   plane = images.shape[1:3]
   window = _crop_window(plane, size)
@@ -447,6 +469,26 @@ def validate(builder: CimdNifti) -> None:
                       'expected at least one slice')
 
 
+def input_case_folders(input_dir: str, args: DataArgs) -> list[str]:
+  """The unlabelled case folders of `sampling.input_dir` (natural order; read each
+  with `scan_case(folder, args, raters=False)`): INPUT/<case>/ folders, or INPUT
+  itself when it holds a file for every data.nifti_image_patterns entry."""
+  root = os.path.abspath(os.path.expanduser(input_dir))
+  if not os.path.isdir(root):
+    raise SourceNotFoundError(f'sampling.input_dir {input_dir!r} ({root}) does not exist or '
+                              'is not a folder')
+  if all(fnmatch.filter(os.listdir(root), p) for p in args.nifti_image_patterns):
+    return [root]
+  names = sorted((n for n in os.listdir(root)
+                  if not n.startswith('.') and os.path.isdir(os.path.join(root, n))),
+                 key=splits_lib.natural_key)
+  if not names:
+    raise DataError(f'sampling.input_dir {root}: holds no case folder and no file of each '
+                    f'of data.nifti_image_patterns {list(args.nifti_image_patterns)}; '
+                    'expected INPUT/<case>/ with one file per sequence')
+  return [os.path.join(root, n) for n in names]
+
+
 # --------------------------------------------------------------------------- write-back
 
 
@@ -548,15 +590,17 @@ def write_samples(output_dir: str, case: str, samples: dict[int, np.ndarray],
   return samples_path, freq_path
 
 
-def write_sampled_cases(output_dir: str, args: DataArgs,
-                        drawn: list[tuple[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+def write_sampled_cases(output_dir: str, axis: int, drawn: list[tuple[str, np.ndarray]],
+                        reference_of: Callable[[str], str]) -> dict[str, dict[str, Any]]:
   """Writes every case's sampled slices back as NIfTI volumes (`write_samples`).
 
   Args:
     output_dir: folder for <case>_samples.nii.gz and <case>_frequency.nii.gz.
-    args: the data settings the records were made with (source_dir, patterns, axis).
-    drawn: per sampled slice, (its record's case_id '<case>_<x|y|z><index>', masks
-      bool [N, S, S]).
+    axis: the data.nifti_axis the slices were cut along.
+    drawn: per sampled slice, (its case_id '<case>_<x|y|z><index>', masks bool
+      [N, S, S]).
+    reference_of: case name -> the volume whose shape and affine the output takes
+      (`reference_file` for a split's case, the first sequence of an input case).
 
   Returns:
     case -> {'samples': file name, 'frequency': file name, 'slices': the sampled slice
@@ -564,15 +608,14 @@ def write_sampled_cases(output_dir: str, args: DataArgs,
   """
   by_case: dict[str, dict[int, np.ndarray]] = collections.defaultdict(dict)
   for case_id, masks in drawn:
-    case, axis, index = parse_case_id(case_id)
-    if axis != args.nifti_axis:
-      raise DataError(f'record {case_id!r} was cut along {AXIS_NAMES[axis]}; expected '
-                      f'data.nifti_axis={args.nifti_axis} ({AXIS_NAMES[args.nifti_axis]})')
+    case, cut, index = parse_case_id(case_id)
+    if cut != axis:
+      raise DataError(f'record {case_id!r} was cut along {AXIS_NAMES[cut]}; expected '
+                      f'data.nifti_axis={axis} ({AXIS_NAMES[axis]})')
     by_case[case][index] = masks
   written = {}
   for case, slices in by_case.items():
-    paths = write_samples(output_dir, case, slices, reference_file(args, case),
-                          args.nifti_axis)
+    paths = write_samples(output_dir, case, slices, reference_of(case), axis)
     written[case] = {'samples': os.path.basename(paths[0]),
                      'frequency': os.path.basename(paths[1]), 'slices': sorted(slices)}
   return written

@@ -32,7 +32,8 @@ class SamplingArgs:
   seed: image b's masks depend only on (seed, b's index in the run).
   split: the dataset split that sample/evaluate read ('test', 'validation', ...);
     max_images: only its first max_images images (-1: all).
-  input_dir: sample: a folder of unlabelled images instead of a split.
+  input_dir: sample: a folder of unlabelled images instead of a split (with
+    data.name='nifti': of NIfTI scans, one folder each, every slice sampled).
   output_dir: '' -> WORKDIR/samples/<split or folder> (sample) or WORKDIR/eval/<split>.
   skip_bad_inputs: sample: skip unreadable input images (listed in the manifest)
     instead of stopping at the first.
