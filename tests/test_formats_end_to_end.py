@@ -36,16 +36,17 @@ def test_hdf5_trains_two_steps_and_evaluates_its_own_test_group(tmp_path):
   with h5py.File(tmp_path / 'data_lidc.hdf5', 'w') as f:
     for name, n in (('train', 6), ('val', 2), ('test', 3)):
       images = rng.uniform(-0.5, 0.5, (n, SIZE, SIZE))            # PHiSeg: [0, 1] - 0.5
-      labels = np.zeros((n, SIZE, SIZE, 2), np.uint8)              # [N, H, W, A]
+      labels = np.zeros((n, SIZE, SIZE, 3), np.uint8)   # [N, H, W, A]; A as configs/test.py
       for i in range(n):
         labels[i, 3 + i:9 + i, 4:10, 0] = 1
         labels[i, 5:12, 2 + i:8 + i, 1] = 1
+        labels[i, 4:8, 4:8, 2] = 1
       g = f.create_group(name)
       g.create_dataset('images', data=images)
       g.create_dataset('labels', data=labels)
       groups[name] = labels
   s = _tiny(tmp_path / 'tfds', data__name='lidc_hdf5', data__source_dir=str(tmp_path),
-            data__num_annotators=2, sampling__output_dir=str(tmp_path / 'eval'))
+            sampling__output_dir=str(tmp_path / 'eval'))
   helpers.train_mode(s, tmp_path / 'work')
   results, result, _ = sampling.evaluate_cases(s, str(tmp_path / 'work'), set())
   assert result['num_images'] == 3 and result['checkpoint_step'] == 2
@@ -117,7 +118,8 @@ def test_nifti_trains_two_steps_and_evaluates_the_marked_test_slices(nifti_run, 
 
 def test_nifti_sample_writes_volumes_with_the_inputs_shape_and_affine(nifti_run, tmp_path):
   make, workdir, root, vols = nifti_run
-  s = make(sampling__output_dir=str(tmp_path / 'samples'), sampling__num_samples=3)
+  s = make(sampling__output_dir=str(tmp_path / 'samples'))
+  n = s.sampling.num_samples                       # configs/test.py's 4: one compile
   out = sampling.run_sample(s, workdir, set())
   with open(os.path.join(out, 'manifest.json')) as f:
     manifest = json.load(f)
@@ -128,7 +130,7 @@ def test_nifti_sample_writes_volumes_with_the_inputs_shape_and_affine(nifti_run,
     scan = nib.load(os.path.join(root, 'testing', case, f'{case}_flair.nii.gz'))
     samples = nib.load(os.path.join(out, 'nifti', info['samples']))
     freq = nib.load(os.path.join(out, 'nifti', info['frequency']))
-    assert samples.shape == SHAPE + (3,) and freq.shape == SHAPE
+    assert samples.shape == SHAPE + (n,) and freq.shape == SHAPE
     np.testing.assert_allclose(samples.affine, scan.affine, atol=1e-6)
     np.testing.assert_allclose(freq.affine, scan.affine, atol=1e-6)
     got = np.asarray(samples.dataobj)
@@ -138,8 +140,8 @@ def test_nifti_sample_writes_volumes_with_the_inputs_shape_and_affine(nifti_run,
         assert not got[:, :, z].any(), (case, z)
         continue
       folder = os.path.join(out, manifest['cases'][f'{case}_z{z}'])
-      pngs = np.stack([np.asarray(Image.open(os.path.join(folder, f'sample_{n:02d}.png'))) > 127
-                       for n in range(3)], -1)                          # [16, 16, N]
+      pngs = np.stack([np.asarray(Image.open(os.path.join(folder, f'sample_{i:02d}.png'))) > 127
+                       for i in range(n)], -1)                          # [16, 16, N]
       np.testing.assert_array_equal(got[:, 1:17, z] > 0, pngs[1:15])    # undo pad and crop
       assert not got[:, [0, 17], z].any()                              # cropped columns
 
@@ -148,14 +150,14 @@ def test_nifti_sample_of_every_slice_with_the_empty_fraction_overridden(nifti_ru
   """--config.data.nifti_empty_fraction=1 at sampling: every slice of each test scan
   is sampled (another set of records; the checkpoint trained on marked slices)."""
   make, workdir, _, _ = nifti_run
-  s = make(sampling__output_dir=str(tmp_path / 'all'), sampling__num_samples=2,
-           data__nifti_empty_fraction=1.0)
+  s = make(sampling__output_dir=str(tmp_path / 'all'), data__nifti_empty_fraction=1.0)
   out = sampling.run_sample(s, workdir, {'data.nifti_empty_fraction'})
   with open(os.path.join(out, 'manifest.json')) as f:
     volumes = json.load(f)['nifti_volumes']
   assert {c: v['slices'] for c, v in volumes.items()} == {
       'p4': list(range(SHAPE[2])), 'p5': list(range(SHAPE[2]))}
-  assert nib.load(os.path.join(out, 'nifti', volumes['p4']['samples'])).shape == SHAPE + (2,)
+  assert nib.load(os.path.join(out, 'nifti', volumes['p4']['samples'])).shape == SHAPE + (
+      s.sampling.num_samples,)
 
 
 def test_nifti_input_folder_of_unlabelled_scans_is_sampled_slice_by_slice(nifti_run, tmp_path):
@@ -172,7 +174,8 @@ def test_nifti_input_folder_of_unlabelled_scans_is_sampled_slice_by_slice(nifti_
       nib.save(nib.Nifti1Image(vols['p4'][kind], affine),
                str(inputs / case / f'{case}_{kind}.nii.gz'))
   s = make(sampling__input_dir=str(inputs), sampling__output_dir=str(tmp_path / 'out'),
-           sampling__num_samples=2, sampling__skip_bad_inputs=True)
+           sampling__skip_bad_inputs=True)
+  n = s.sampling.num_samples
   out = sampling.run_sample(s, workdir, set())
   with open(os.path.join(out, 'manifest.json')) as f:
     manifest = json.load(f)
@@ -182,13 +185,13 @@ def test_nifti_input_folder_of_unlabelled_scans_is_sampled_slice_by_slice(nifti_
   info = manifest['nifti_volumes']['q1']
   assert info['slices'] == list(range(SHAPE[2]))
   samples = nib.load(os.path.join(out, 'nifti', info['samples']))
-  assert samples.shape == SHAPE + (2,)
+  assert samples.shape == SHAPE + (n,)
   np.testing.assert_allclose(samples.affine, affine, atol=1e-6)
   got = np.asarray(samples.dataobj)
   for z in range(SHAPE[2]):
     folder = os.path.join(out, manifest['cases'][f'q1_z{z}'])
-    pngs = np.stack([np.asarray(Image.open(os.path.join(folder, f'sample_{n:02d}.png'))) > 127
-                     for n in range(2)], -1)
+    pngs = np.stack([np.asarray(Image.open(os.path.join(folder, f'sample_{i:02d}.png'))) > 127
+                     for i in range(n)], -1)
     np.testing.assert_array_equal(got[:, 1:17, z] > 0, pngs[1:15])
   # The input slices are the records' slices of the same volumes (p4 is a test case).
   split = sample_inputs.dataset_cases(make(), workdir)
