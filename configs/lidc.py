@@ -8,7 +8,8 @@ learn_sigma, linear schedule, T = 1000. Prediction target: x_0, not the paper's 
 0.09-0.11, none), because its x_0 estimate is eps's error times (1 - abar_t) / abar_t
 (up to 24,777) at the first sampling steps; weighting the eps loss by truncated SNR
 removes them but reached only 0.14-0.18; at 16 channels eps with DDPM-50 drew none
-(0.097), still behind x_0 with DDIM-25 (0.087; docs/ablations.md rows 63-67). The VLB's
+at three seeds (0.097-0.099), still calibrated worse than x_0 with DDIM-25 at each
+(0.087-0.091; docs/ablations.md rows 63-71). The VLB's
 gradient stops at the output conv (`model.detach_variance`; the official code lets it
 into every layer): there it spoilt x_0 at t <= 10 and shrank the masks, and without
 it the learned variance samples respaced DDPM unclipped (docs/samplers.md).
