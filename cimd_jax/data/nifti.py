@@ -40,6 +40,10 @@ marked voxel is an error. Records:
 Everything is read and checked before anything is written; bad input raises
 `DataError` naming the case folder, the file or pattern, and what was expected.
 
+Unlabelled scans to sample (`sampling.input_dir`): `input_case_folders`, then
+`scan_case(folder, args, raters=False)` and `read_input_case` (every slice, read and
+fitted as the records are).
+
 Write-back (for sampling): `write_volume` puts per-slice arrays back into a volume
 of the reference file's shape and affine (unsampled slices 0); `write_samples`
 writes a case's sampled masks as one 4-D uint8 volume [X, Y, Z, N] and their
@@ -477,7 +481,8 @@ def input_case_folders(input_dir: str, args: DataArgs) -> list[str]:
   if not os.path.isdir(root):
     raise SourceNotFoundError(f'sampling.input_dir {input_dir!r} ({root}) does not exist or '
                               'is not a folder')
-  if all(fnmatch.filter(os.listdir(root), p) for p in args.nifti_image_patterns):
+  files = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))]
+  if all(any(fnmatch.fnmatchcase(n, p) for n in files) for p in args.nifti_image_patterns):
     return [root]
   names = sorted((n for n in os.listdir(root)
                   if not n.startswith('.') and os.path.isdir(os.path.join(root, n))),
