@@ -767,6 +767,23 @@ def test_nifti_write_back_restores_rater_volumes(nifti_set, tmp_path):
   assert arr[3].sum() == SHAPE[1] * SHAPE[2] and arr.sum() == arr[3].sum()
 
 
+def test_nifti_write_back_and_input_folders_refuse_what_they_cannot_place(nifti_set, tmp_path):
+  """A channels-last slice [S, S, 1] (the batch layout) is not a slice: refused, naming
+  the output and the reference, instead of padded into garbage; an input folder with
+  no scan and no case folder, or none at all, is named."""
+  args = nifti_set[0]
+  ref = nifti.reference_file(args, 'p4')
+  with pytest.raises(ValueError, match=r'^writing .*m\.nii\.gz \(reference .*p4_flair\.nii\.gz\): '
+                     r'slice shapes \[\(24, 24, 1\)\]; expected all \[S, S\] or all \[N, S, S\]'):
+    nifti.write_volume(str(tmp_path / 'm.nii.gz'), {3: np.ones((24, 24, 1))}, ref, axis=2)
+  assert not os.path.exists(tmp_path / 'm.nii.gz')
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(DataError, match=r'^sampling.input_dir .*empty: holds no case folder'):
+    nifti.input_case_folders(str(tmp_path / 'empty'), args)
+  with pytest.raises(DataError, match=r"^sampling.input_dir '.*missing' .* does not exist"):
+    nifti.input_case_folders(str(tmp_path / 'missing'), args)
+
+
 def test_nifti_rater_mask_rule_by_hand():
   """0/1 and [0, 1] masks: foreground above 0.5; a mask of only 0 and 255:
   foreground at 255; bool volumes as they are."""
