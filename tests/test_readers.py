@@ -541,6 +541,36 @@ def test_hdf5_unreadable_pixels_name_file_and_key(tmp_path, monkeypatch):
                      [path, "key 'train'", 'cannot read rows 0..', "filter 'lzf'"])
 
 
+def test_hdf5_images_that_never_reach_the_lower_half_of_the_range_are_refused(tmp_path):
+  """Unshifted [0, 1] images that are all <= 0.5 pass the per-value check against the
+  default (-0.5, 0.5) but would be read half a range too bright: refused, naming the
+  file and the key; the same file reads under (0, 1), and one value below the
+  midpoint anywhere in the file is enough."""
+  groups = _small_groups()
+  for name, (images, labels) in groups.items():
+    groups[name] = ((images + 0.5) * 0.5, labels)          # [0, 0.5]: a dark [0, 1] file
+  path = str(tmp_path / 'data_lidc.hdf5')
+  _write_hdf5(path, groups)
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='lidc_hdf5', source_dir=path, tfds_dir=tfds_dir,
+                  image_size=16, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path,
+                     [path, "key 'images'", 'upper half', 'data.hdf5_image_range'])
+  unshifted = dataclasses.replace(args, hdf5_image_range=(0.0, 1.0))
+  assert pipeline.prepare(unshifted, str(tmp_path)) == {'train': 6, 'validation': 3, 'test': 4}
+  np.testing.assert_allclose(_eval_all(unshifted, tmp_path, 'test')['image'][..., 0],
+                             np.rint(groups['test'][0] * 255) / 127.5 - 1, atol=1e-6)
+  images, labels = groups['val']
+  images = images.copy()
+  images[1, 3, 3] = -0.01                                  # below the midpoint, in one row
+  groups['val'] = (images, labels)
+  path2 = str(tmp_path / 'two' / 'data_lidc.hdf5')
+  os.makedirs(os.path.dirname(path2))
+  _write_hdf5(path2, groups)
+  shifted = dataclasses.replace(args, source_dir=path2, tfds_dir=str(tmp_path / 'tfds2'))
+  assert pipeline.prepare(shifted, str(tmp_path)) == {'train': 6, 'validation': 3, 'test': 4}
+
+
 def test_hdf5_source_must_be_one_file(tmp_path):
   _write_hdf5(tmp_path / 'a.hdf5', _small_groups())
   _write_hdf5(tmp_path / 'b.h5', _small_groups())
@@ -1223,7 +1253,7 @@ def test_missing_validation_split_hint_names_what_decides_it(tmp_path):
   """The hint says what gives a 'validation' split for this reader."""
   h5 = tmp_path / 'src' / 'd.hdf5'
   os.makedirs(h5.parent)
-  images = np.zeros((2, 16, 16))
+  images = np.full((2, 16, 16), -0.5)      # air: the lower end of PHiSeg's range
   labels = np.zeros((2, 16, 16, 2), np.uint8)
   _write_hdf5(h5, {'train': (images, labels), 'test': (images, labels)})
   args = DataArgs(name='lidc_hdf5', source_dir=str(h5.parent), tfds_dir=str(tmp_path / 'tfds'),

@@ -92,19 +92,25 @@ def _manifest(prepared: Prepared, source: str, cases: list[Case], folders: list[
 
 
 def _write_all(stage: str, prepared: Prepared, inputs: sample_inputs.Inputs,
-               folders: list[str], desc: str, manifest: dict[str, Any]
-               ) -> list[tuple[Case, np.ndarray]]:
-  """Draws and writes the case folders (NIfTI cases: STAGE/nifti/ volumes too)."""
-  results = []
+               folders: list[str], desc: str
+               ) -> tuple[list[tuple[Case, np.ndarray]], dict[str, Any] | None]:
+  """Draws and writes the case folders (NIfTI cases: STAGE/nifti/ volumes too).
+  Returns ([(case, masks bool [N, H, W])], the manifest's `nifti_volumes` entry or None)."""
+  results, volumes = [], None
   for (case, masks), folder in zip(draw_cases(inputs.cases, prepared, desc), folders):
     reports.write_case(os.path.join(stage, folder), case.image, masks, case.experts,
                        title=case.case_id)
     results.append((case, masks))
   if inputs.volume_of is not None:
-    manifest['nifti_volumes'] = nifti.write_sampled_cases(
+    volumes = nifti.write_sampled_cases(
         os.path.join(stage, 'nifti'), prepared.settings.data.nifti_axis,
         [(c.case_id, m) for c, m in results], inputs.volume_of)
-  return results
+  return results, volumes
+
+
+def _note_volumes(manifest: dict[str, Any], volumes: dict[str, Any] | None) -> None:
+  if volumes is not None:
+    manifest['nifti_volumes'] = volumes
 
 
 def _commit(staged: atomic.StagedFolder, manifest: dict[str, Any]) -> None:
@@ -139,7 +145,7 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   with atomic.staged_output(out_dir) as staged:
     manifest = _manifest(prepared, source, cases, folders)
     manifest['skipped'] = skipped
-    _write_all(staged.path, prepared, inputs, folders, 'sampling', manifest)
+    _note_volumes(manifest, _write_all(staged.path, prepared, inputs, folders, 'sampling')[1])
     _commit(staged, manifest)
   if skipped:
     logging.warning('Skipped %d unreadable input image(s):\n  %s', len(skipped),
@@ -181,7 +187,8 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
   folders = reports.case_folder_names([c.case_id for c in cases])
   with atomic.staged_output(out_dir) as staged:
     manifest = _manifest(prepared, f'split:{s.sampling.split}', cases, folders)
-    results = _write_all(staged.path, prepared, inputs, folders, 'evaluating', manifest)
+    results, volumes = _write_all(staged.path, prepared, inputs, folders, 'evaluating')
+    _note_volumes(manifest, volumes)
     per_image = score(results)
     reports.write_per_image_csv(os.path.join(staged.path, 'per_image.csv'),
                                 [c.case_id for c in cases], folders, per_image, tuple(per_image))

@@ -23,7 +23,7 @@ is used as is (data.validation_fraction / test_fraction are ignored). Records:
 The file is read lazily, `READ_ROWS` slices at a time (never whole). Every value is
 checked before anything is written (a first pass over the file); a bad one raises
 `DataError` naming the file, the dataset key (e.g. 'val/labels'), the row and what
-was expected.
+was expected; so does a file whose float images never reach the range's lower half.
 """
 
 import dataclasses
@@ -47,19 +47,12 @@ _TOLERANCE = 1e-6     # relative to the image range / label range
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """One split's datasets in the file.
-
-  Attributes:
-    group: the file's group name ('train', 'val', 'test').
-    split: our split name.
-    num: N, rows.
-    height, width: H, W of a slice.
-  """
-  group: str
-  split: str
-  num: int
-  height: int
-  width: int
+  """One split's datasets in the file."""
+  group: str      # the file's group name: 'train', 'val' or 'test'
+  split: str      # our split name
+  num: int        # N, rows
+  height: int     # H of a slice
+  width: int      # W of a slice
 
 
 def find_file(source_dir: str) -> str:
@@ -94,9 +87,7 @@ def scan(path: str, args: DataArgs) -> list[Group]:
     if 'train' not in f:
       raise DataError(f"file {path}: has no group 'train' (has {sorted(f.keys())}); "
                       "expected groups 'train', 'val', 'test' (PHiSeg layout)")
-    for group, split in GROUPS.items():
-      if group not in f:
-        continue
+    for group, split in ((k, v) for k, v in GROUPS.items() if k in f):
       g = f[group]
       if not isinstance(g, h5py.Group):
         raise DataError(f"file {path}, key '{group}': is a {type(g).__name__}, not a "
@@ -243,8 +234,17 @@ def make_builder(args: DataArgs, tfds_dir: str) -> CimdLidcHdf5:
 
 
 def validate(builder: CimdLidcHdf5) -> None:
-  """Reads every row of every group once; raises DataError on the first bad value."""
+  """Reads every row of every group once; raises DataError on the first bad value,
+  or when no float image value reaches the lower half of data.hdf5_image_range."""
   args, path, groups = builder.builder_config.payload
+  least = np.inf        # smallest float image value in the file
   for group in groups:
     for start, images, labels in blocks(path, group):
       _check_rows(path, group.group, start, images, labels, args)
+      if images.dtype.kind == 'f' and images.size:
+        least = min(least, float(images.min()))
+  lo, hi = args.hdf5_image_range
+  if np.isfinite(least) and least >= (lo + hi) / 2:  # PHiSeg's crops hold air at lo
+    raise DataError(f"file {path}, key 'images': every float value is >= {least:.4g}, in "
+                    f'the upper half of data.hdf5_image_range [{lo}, {hi}]; expected the '
+                    'range the images were scaled to (e.g. (0.0, 1.0) for unshifted ones)')

@@ -121,13 +121,15 @@ def scan_case(folder: str, args: DataArgs, raters: bool = True) -> CaseFiles:
                    raters=chosen['nifti_rater_patterns'])
 
 
-def _case_folders(split_dir: str) -> list[str]:
-  names = sorted((n for n in os.listdir(split_dir)
-                  if not n.startswith('.') and os.path.isdir(os.path.join(split_dir, n))),
+def _case_folders(folder: str, none_found: str | None = None) -> list[str]:
+  """Names of the visible sub-folders of `folder` (natural order); DataError with
+  `none_found` (or the split-folder message) when there are none."""
+  names = sorted((n for n in os.listdir(folder)
+                  if not n.startswith('.') and os.path.isdir(os.path.join(folder, n))),
                  key=splits_lib.natural_key)
   if not names:
-    raise DataError(f'split folder {split_dir} holds no case folders; expected '
-                    f'{split_dir}/<case>/ with one file per sequence and per rater')
+    raise DataError(none_found or f'split folder {folder} holds no case folders; expected '
+                    f'{folder}/<case>/ with one file per sequence and per rater')
   return names
 
 
@@ -484,13 +486,9 @@ def input_case_folders(input_dir: str, args: DataArgs) -> list[str]:
   files = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))]
   if all(any(fnmatch.fnmatchcase(n, p) for n in files) for p in args.nifti_image_patterns):
     return [root]
-  names = sorted((n for n in os.listdir(root)
-                  if not n.startswith('.') and os.path.isdir(os.path.join(root, n))),
-                 key=splits_lib.natural_key)
-  if not names:
-    raise DataError(f'sampling.input_dir {root}: holds no case folder and no file of each '
-                    f'of data.nifti_image_patterns {list(args.nifti_image_patterns)}; '
-                    'expected INPUT/<case>/ with one file per sequence')
+  names = _case_folders(root, f'sampling.input_dir {root}: holds no case folder and no file '
+                        f'of each of data.nifti_image_patterns {list(args.nifti_image_patterns)}; '
+                        'expected INPUT/<case>/ with one file per sequence')
   return [os.path.join(root, n) for n in names]
 
 

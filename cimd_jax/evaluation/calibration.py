@@ -36,11 +36,12 @@ def structure_frequencies(masks: np.ndarray, structures: np.ndarray, probs: np.n
   """(true probability, sampled frequency) of each valid structure of one image.
 
   Args:
-    masks: bool [N, H, W] sampled masks.
+    masks: [N, H, W] sampled masks (bool or 0/1, as for `included`).
     structures: [S, H, W] structure regions (zero-padded).
     probs: float [S] true inclusion probabilities; padded entries are < 0 or have an
       empty region and are skipped.
   """
+  masks = metrics.as_masks(masks, 'masks', '[N, H, W]')   # checked once, not per structure
   truth, sampled = [], []
   for region, p in zip(structures, probs):
     if p < 0 or not np.any(region):

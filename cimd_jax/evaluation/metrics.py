@@ -40,8 +40,9 @@ masks up to 4096×4096, hence exact, each division correctly rounded), the varia
 `(q − r·(r/P))/P` with `q = a + b`, `r = a − b`, and means over pairs are pairwise
 (tree) sums — GED's three means are taken on the host in float64 from the float32 IoU
 matrices, since they nearly cancel (identical sets give exactly 0) — so every metric
-agrees with a float64 computation to ~1e-7 for M, N ≤ 128 and masks up to 1024×1024. The popcount is a SWAR bit count with per-byte partial sums
-(XLA on CPU vectorises it; `lax.population_count` plus a reduce runs ~6x slower there).
+agrees with a float64 computation to ~1e-7 for M, N ≤ 128 and masks up to 1024×1024. The
+popcount is a SWAR bit count with per-byte partial sums (XLA on CPU vectorises it;
+`lax.population_count` plus a reduce runs ~6x slower there).
 
 Inputs may be bool, or integer/float arrays holding only 0 and 1 (NumPy or JAX);
 anything else raises ValueError naming the argument and the shape given.

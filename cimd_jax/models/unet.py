@@ -18,8 +18,9 @@ Architecture (Dhariwal & Nichol 2021, as used by CIMD):
 
 GroupNorm uses 32 groups wherever 32 divides the width, the paper's GroupNorm(32)
 (every width of the paper's configs); other widths (tiny test configs) use the
-largest divisor <= 32 that keeps >= 2 channels per group (see `num_groups`). Normalisation always runs in float32
-(as guided-diffusion's GroupNorm32), whatever the compute dtype.
+largest divisor <= 32 that keeps >= 2 channels per group (see `num_groups`).
+Normalisation always runs in float32 (as guided-diffusion's GroupNorm32), whatever the
+compute dtype.
 
 Kernels use PyTorch's default initialisation (uniform, variance 1/(3·fan_in)),
 biases start at zero; the convs guided-diffusion zero-initialises (last conv of
