@@ -7,6 +7,7 @@ the values are compared with a direct numpy computation.
 """
 
 import dataclasses
+import hashlib
 import io
 import logging
 import json
@@ -1157,6 +1158,10 @@ def test_cache_key_changes_with_every_parameter_that_changes_the_records(tmp_pat
     other = lidc_pickle.builder_params(dataclasses.replace(base, **{field: value}),
                                        [str(pickle_path)])
     assert other != key, field
+  # Records split by an earlier rule (a NumPy permutation) are not reused.
+  assert key['split_rule'] == splits.SPLIT_RULE
+  unseeded = dataclasses.replace(base, validation_fraction=0.0, test_fraction=0.0)
+  assert 'split_rule' not in lidc_pickle.builder_params(unseeded, [str(pickle_path)])
   base = dataclasses.replace(base, name='lidc_hdf5', source_dir=str(hdf5_path))
   key = lidc_hdf5.builder_params(base, str(hdf5_path))
   for field, value in {'hdf5_image_range': (0.0, 1.0), 'image_size': 32, 'resize': True,
@@ -1232,6 +1237,41 @@ def test_held_out_split_counts_and_errors():
   assert splits.held_out_split(ids, 0.0, 0.0, 0, 'patient') == {'train': ids}
   with pytest.raises(folder.DataError, match='leave no training patient'):
     splits.held_out_split(ids[:2], 0.5, 0.5, 0, 'patient')
+
+
+def _sha_order(ids, seed, salt):
+  """docs/data.md's one-line rule, recomputed here."""
+  return sorted(ids, key=lambda i: hashlib.sha256(f'{salt}:{seed}:{i}'.encode()).hexdigest())
+
+
+def test_seeded_choices_follow_the_documented_sha256_rule_without_numpy(monkeypatch):
+  """Held-out patients/cases, the folder layout's validation cases and NIfTI's empty
+  slices are the first ids of the SHA-256 order (recomputed by hand), change with the
+  seed, keep every other id's place when one id is added, and use no NumPy generator
+  (whose permutation/choice algorithms may change between NumPy releases)."""
+  def no_generator(*args, **kwargs):
+    raise AssertionError('a seeded choice used np.random')
+  monkeypatch.setattr(np.random, 'default_rng', no_generator)
+  ids = [f'LIDC-{i:04d}' for i in range(40)]
+  want = _sha_order(ids, 7, 'split')
+  assert [ids[k] for k in splits.seeded_order(ids, 7, 'split')] == want
+  assert _sha_order(ids, 8, 'split') != want and _sha_order(ids, 7, 'x') != want
+  grown = _sha_order(ids + ['LIDC-9999'], 7, 'split')
+  assert [i for i in grown if i != 'LIDC-9999'] == want
+  out = splits.held_out_split(list(reversed(ids)), 0.25, 0.2, seed=7, what='patient')
+  assert out['test'] == sorted(want[:8], key=splits.natural_key)            # n_test = 8
+  assert out['validation'] == sorted(want[8:16], key=splits.natural_key)    # 0.25 * 32
+  assert set(out['train']) == set(want[16:])
+  names = [f'case{i}' for i in range(12)]
+  held = folder.validation_cases(names, 0.25, seed=3)
+  assert [names[k] for k in held] == sorted(_sha_order(names, 3, 'validation')[:3],
+                                            key=names.index)
+  marked = np.zeros(30, bool)
+  marked[[4, 5, 6]] = True
+  empty = [i for i in range(30) if not marked[i]]
+  extra = _sha_order([f'c7:{i}' for i in empty], 5, 'empty_slices')[:9]   # 0.33 * 27
+  assert list(nifti.kept_slices(marked, 0.33, seed=5, case='c7')) == sorted(
+      [4, 5, 6] + [int(e.split(':')[1]) for e in extra])
 
 
 def test_natural_order_is_total_for_names_equal_as_numbers():

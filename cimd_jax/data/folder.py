@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from cimd_jax.data import intensity
 from cimd_jax.data import records
+from cimd_jax.data import splits as splits_lib
 from cimd_jax.data.splits import natural_key  # re-exported: folder.natural_key
 from cimd_jax.data.args import DataArgs, TEST, TRAIN, VALIDATION
 
@@ -150,16 +151,17 @@ def scan_split_folder(split_dir: str, num_annotators: int) -> list[CaseFiles]:
   return cases
 
 
-def validation_cases(num_cases: int, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices of the training cases held out for 'validation' (case level)."""
+def validation_cases(case_ids: list[str], fraction: float, seed: int) -> list[int]:
+  """Sorted indices of the training cases held out for 'validation' (case level): the
+  first max(1, round(fraction * n)) in `splits.seeded_order(case_ids, seed,
+  'validation')`."""
   if fraction <= 0:
-    return np.zeros([0], np.int64)
-  count = max(1, int(round(fraction * num_cases)))
-  if count >= num_cases:
-    raise DataError(f'data.validation_fraction={fraction} of {num_cases} training '
+    return []
+  count = max(1, int(round(fraction * len(case_ids))))
+  if count >= len(case_ids):
+    raise DataError(f'data.validation_fraction={fraction} of {len(case_ids)} training '
                     f'case(s) leaves no training case')
-  rng = np.random.default_rng([seed, 0x5A11D])
-  return np.sort(rng.permutation(num_cases)[:count])
+  return sorted(splits_lib.seeded_order(case_ids, seed, 'validation')[:count])
 
 
 def check_image_file_counts(splits: dict[str, list[CaseFiles]], channels: int) -> None:
@@ -186,8 +188,8 @@ def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
   splits = {split: scan_split_folder(os.path.join(root, sub), args.num_annotators)
             for split, sub in SPLIT_FOLDERS.items()}
   check_image_file_counts(splits, args.image_channels)
-  held_out = set(validation_cases(len(splits[TRAIN]), args.validation_fraction,
-                                  args.seed).tolist())
+  held_out = set(validation_cases([c.case_id for c in splits[TRAIN]],
+                                  args.validation_fraction, args.seed))
   if held_out:
     train = splits[TRAIN]
     splits[VALIDATION] = [c for i, c in enumerate(train) if i in held_out]
@@ -377,6 +379,7 @@ def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[s
       'validation_fraction': args.validation_fraction,
       # The seed only changes the records through the validation split.
       'seed': args.seed if args.validation_fraction > 0 else None,
+      **({'split_rule': splits_lib.SPLIT_RULE} if args.validation_fraction > 0 else {}),
       # Only change images wider than 8 bits (8-bit images are kept byte for byte).
       'percentiles': (args.percentile_low, args.percentile_high),
       'format': records.VERSION,

@@ -251,6 +251,7 @@ def builder_params(args: DataArgs, files: list[str]) -> dict[str, Any]:
       'validation_fraction': None if args.split_file else args.validation_fraction,
       'test_fraction': None if args.split_file else args.test_fraction,
       'seed': args.seed if seeded else None,
+      **({'split_rule': splits_lib.SPLIT_RULE} if seeded else {}),
       'format': records.VERSION,
   }
 

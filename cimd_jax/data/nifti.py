@@ -27,7 +27,7 @@ uint16 and float volumes all work; a rater volume must be a binary mask (values 
 is cut into 2-D slices along `data.nifti_axis` (slice = np.take(volume, k, axis),
 the two other axes in their order, no reorientation). Kept: every slice any rater
 marked, plus round(data.nifti_empty_fraction * n_empty) of the unmarked ones,
-drawn per case from `np.random.default_rng([seed, 0xE3D7, crc32(case)])`.
+the first in `splits.seeded_order` of '<case>:<index>' with data.seed (`kept_slices`).
 
 Slices are centre padded (with 0) or centre cropped to image_size x image_size,
 each in-plane axis on its own (`fit`, inverse `unfit`); a crop that would drop a
@@ -54,7 +54,6 @@ import collections
 import dataclasses
 import fnmatch
 import os
-import zlib
 from typing import Any, Callable, Iterator
 
 from absl import logging
@@ -276,11 +275,12 @@ def parse_case_id(case_id: str) -> tuple[str, int, int]:
 
 def kept_slices(marked: np.ndarray, fraction: float, seed: int, case: str) -> np.ndarray:
   """Sorted slice indices kept of a case: every marked one plus
-  round(fraction * n_empty) unmarked ones (seeded per case)."""
+  round(fraction * n_empty) unmarked ones: the first in `splits.seeded_order` of
+  the ids f'{case}:{index}' (salt 'empty_slices')."""
   empty = np.flatnonzero(~marked)
   count = int(round(fraction * len(empty)))
-  rng = np.random.default_rng([seed, 0xE3D7, zlib.crc32(case.encode())])
-  extra = rng.choice(empty, size=count, replace=False) if count else empty[:0]
+  order = splits_lib.seeded_order([f'{case}:{i}' for i in empty], seed, 'empty_slices')
+  extra = empty[np.asarray(order[:count], np.int64)]
   return np.sort(np.concatenate([np.flatnonzero(marked), extra]))
 
 
@@ -386,6 +386,7 @@ def builder_params(args: DataArgs, splits: dict[str, list[CaseFiles]]) -> dict[s
       'validation_fraction': args.validation_fraction if fractions else None,
       'test_fraction': None if has_test or not fractions else args.test_fraction,
       'seed': args.seed if seeded else None,
+      **({'split_rule': splits_lib.SPLIT_RULE} if seeded else {}),
       'format': records.VERSION,
   }
 

@@ -6,18 +6,21 @@ split, never single slices:
   n_test = max(1, round(test_fraction * n))             (0 when test_fraction = 0)
   n_val  = max(1, round(validation_fraction * (n - n_test)))   (0 when fraction = 0)
 
-The groups, in natural order, are permuted with
-`np.random.default_rng([seed, 0x5B117])`; the first n_test go to 'test', the next
-n_val to 'validation', the rest to 'train'. The same ids and seed give the same
-split on every machine.
+The groups are put in `seeded_order` (salt 'split'); the first n_test go to 'test',
+the next n_val to 'validation', the rest to 'train'. Every seeded choice of the
+readers uses `seeded_order`: an order by SHA-256 of the salt, the seed and the id,
+so the same ids and seed give the same split on every machine and with every NumPy
+(NumPy keeps a Generator's bit stream but not its `permutation` or `choice`
+algorithms fixed across releases), and anyone can recompute it (docs/data.md).
 """
 
+import hashlib
 import json
 import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
-import numpy as np
+SPLIT_RULE = 'sha256-order-v1'   # in the records' cache key wherever a split is seeded
 
 from cimd_jax.data.args import TEST, TRAIN, VALIDATION
 from cimd_jax.data.records import DataError
@@ -31,6 +34,14 @@ def natural_key(name: str) -> tuple:
   parts = tuple((0, int(part), '') if part.isdecimal() else (1, 0, part)   # '²': text
                 for part in re.split(r'(\d+)', name) if part)
   return parts, name
+
+
+def seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[int]:
+  """Indices into `ids` sorted by the hex SHA-256 of f'{salt}:{seed}:{id}' (UTF-8),
+  ties (equal ids) by index: a seeded permutation that depends only on the ids, the
+  seed and the salt, not on NumPy or the machine."""
+  digests = [hashlib.sha256(f'{salt}:{seed}:{i}'.encode()).hexdigest() for i in ids]
+  return sorted(range(len(ids)), key=lambda k: (digests[k], k))
 
 
 def held_out_split(ids: Iterable[str], validation_fraction: float, test_fraction: float,
@@ -53,9 +64,9 @@ def held_out_split(ids: Iterable[str], validation_fraction: float, test_fraction
     raise DataError(f'data.test_fraction={test_fraction} and data.validation_fraction='
                     f'{validation_fraction} of {n} {what}(s) leave no training {what}; '
                     'expected more data or smaller fractions')
-  order = np.random.default_rng([seed, 0x5B117]).permutation(n)
-  test = set(order[:n_test].tolist())
-  val = set(order[n_test:n_test + n_val].tolist())
+  order = seeded_order(groups, seed, 'split')
+  test = set(order[:n_test])
+  val = set(order[n_test:n_test + n_val])
   out = {TRAIN: [g for i, g in enumerate(groups) if i not in test and i not in val]}
   if n_val:
     out[VALIDATION] = [g for i, g in enumerate(groups) if i in val]
