@@ -112,6 +112,12 @@ def test_input_dir_and_bad_images(trained, tmp_path):
   with open(os.path.join(out, 'manifest.json')) as f:
     manifest = json.load(f)
   assert len(manifest['skipped']) == 1 and 'broken.png' in manifest['skipped'][0]
+  # max_images counts usable images: the skipped 'broken.png' (first in order) does not
+  # take the one place.
+  s = _settings(tfds_dir, input_dir=str(folder), output_dir=str(tmp_path / 'o4'),
+                skip_bad_inputs=True, num_samples=2, max_images=1)
+  out = sampling.run_sample(s, str(workdir), set())
+  assert os.path.exists(os.path.join(out, 'good', 'sample_01.png'))
   # Wrong size is named too.
   Image.fromarray(np.zeros((size + 3, size), np.uint8)).save(folder / 'big.png')
   (folder / 'broken.png').unlink()

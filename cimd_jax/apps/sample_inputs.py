@@ -63,16 +63,16 @@ def split_inputs(settings: settings_lib.Settings, workdir: str) -> Inputs:
 
 
 def folder_inputs(settings: settings_lib.Settings) -> Inputs:
-  """The inputs of sampling.input_dir (its first sampling.max_images images); without
-  sampling.skip_bad_inputs the first bad input raises InputError naming the file."""
+  """The inputs of sampling.input_dir (its first sampling.max_images usable images, as
+  for NIfTI scans); without sampling.skip_bad_inputs the first bad input raises
+  InputError naming the file."""
   if settings.data.name == 'nifti':
     return _nifti_inputs(settings)
   data, sampling = settings.data, settings.sampling
   cases, skipped = [], []
-  found = image_folder.list_input_images(sampling.input_dir)
-  if sampling.max_images > 0:
-    found = found[:sampling.max_images]
-  for found_case in found:
+  for found_case in image_folder.list_input_images(sampling.input_dir):
+    if 0 < sampling.max_images <= len(cases):
+      break
     try:
       img = image_folder.read_input_image(found_case, data)
     except image_folder.BadInputImage as e:

@@ -31,7 +31,8 @@ class SamplingArgs:
     validation score while training) or a step number.
   seed: image b's masks depend only on (seed, b's index in the run).
   split: the dataset split that sample/evaluate read ('test', 'validation', ...);
-    max_images: only its first max_images images (-1: all).
+    max_images: only its first max_images images (-1: all; of an input folder, its
+    first max_images usable ones).
   input_dir: sample: a folder of unlabelled images instead of a split (with
     data.name='nifti': of NIfTI scans, one folder each, every slice sampled).
   output_dir: '' -> WORKDIR/samples/<split or folder> (sample) or WORKDIR/eval/<split>.
