@@ -20,12 +20,11 @@ import os
 import re
 from typing import Iterable, Sequence
 
-SPLIT_RULE = 'sha256-order-v1'   # in the records' cache key wherever a split is seeded
-
 from cimd_jax.data.args import TEST, TRAIN, VALIDATION
 from cimd_jax.data.records import DataError
 
 SPLIT_NAMES = (TRAIN, VALIDATION, TEST)
+SPLIT_RULE = 'sha256-order-v1'   # in the records' cache key wherever a split is seeded
 
 
 def natural_key(name: str) -> tuple:
