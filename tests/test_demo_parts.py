@@ -24,6 +24,8 @@ def test_included_counts_half_coverage():
                                 [True, False, True])
   with pytest.raises(ValueError, match=r'^masks: values must be 0 or 1 \(or bool\), found -1'):
     calibration.included(np.where(masks, 1.0, -1.0), region)
+  with pytest.raises(ValueError, match=r'^masks: values must be 0 or 1 \(or bool\), found -1'):
+    calibration.structure_frequencies(np.where(masks, 1.0, -1.0), region[None], np.array([0.5]))
 
 
 def test_structure_frequencies_and_summary_by_hand():

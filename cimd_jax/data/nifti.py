@@ -93,11 +93,16 @@ def _where(folder: str, file: str | None = None) -> str:
   return f'case folder {folder}' + (f', file {file}' if file else '')
 
 
+def _visible_files(folder: str) -> list[str]:
+  """Names of the files of `folder` not starting with '.', sorted."""
+  return sorted(n for n in os.listdir(folder)
+                if not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
+
+
 def scan_case(folder: str, args: DataArgs, raters: bool = True) -> CaseFiles:
   """Matches the patterns in one case folder (reads no file); with raters=False
   (an unlabelled input) only the sequences' patterns, and `raters` is ()."""
-  names = sorted(n for n in os.listdir(folder)
-                 if not n.startswith('.') and os.path.isfile(os.path.join(folder, n)))
+  names = _visible_files(folder)
   owner: dict[str, str] = {}
   chosen = {'nifti_rater_patterns': ()}
   for key in ('nifti_image_patterns', 'nifti_rater_patterns')[:2 if raters else 1]:
@@ -484,7 +489,7 @@ def input_case_folders(input_dir: str, args: DataArgs) -> list[str]:
   if not os.path.isdir(root):
     raise SourceNotFoundError(f'sampling.input_dir {input_dir!r} ({root}) does not exist or '
                               'is not a folder')
-  files = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))]
+  files = _visible_files(root)        # as scan_case sees them
   if all(any(fnmatch.fnmatchcase(n, p) for n in files) for p in args.nifti_image_patterns):
     return [root]
   names = _case_folders(root, f'sampling.input_dir {root}: holds no case folder and no file '

@@ -22,7 +22,11 @@ def included(masks: np.ndarray, region: np.ndarray, cover: float = 0.5) -> np.nd
   """Whether each mask covers >= `cover` of `region`: masks [N, H, W] (bool, or 0/1
   values; anything else, e.g. {-1, 1} masks still in diffusion space, is a
   ValueError), region [H, W] -> bool [N]."""
-  masks = metrics.as_masks(masks, 'masks', '[N, H, W]')
+  return _covers(metrics.as_masks(masks, 'masks', '[N, H, W]'), region, cover)
+
+
+def _covers(masks: np.ndarray, region: np.ndarray, cover: float) -> np.ndarray:
+  """`included` for masks already checked (bool [N, H, W])."""
   region = np.asarray(region) > 0
   area = int(region.sum())
   if area == 0:
@@ -47,7 +51,7 @@ def structure_frequencies(masks: np.ndarray, structures: np.ndarray, probs: np.n
     if p < 0 or not np.any(region):
       continue
     truth.append(float(p))
-    sampled.append(float(included(masks, region, cover).mean()))
+    sampled.append(float(_covers(masks, region, cover).mean()))
   return np.array(truth), np.array(sampled)
 
 
