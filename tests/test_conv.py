@@ -104,6 +104,7 @@ def test_eigen_options_move_convolutions_off_ynnpack():
   from cimd_jax.train import step  # pylint: disable=g-import-not-at-top
   options = conv_lib.compiler_options('eigen', backend='cpu')
   assert options and conv_lib.compiler_options('xla', 'im2col', backend='cpu') is None
+  assert conv_lib.compiler_options('xla', 'eigen', backend='cpu') == options  # one eigen net
   assert conv_lib.compiler_options('eigen', backend='gpu') is None
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 9, 9, 20)), jnp.float32)   # > 16 channels: YNN-able

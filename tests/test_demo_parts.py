@@ -45,6 +45,8 @@ def test_structure_frequencies_and_summary_by_hand():
   assert summary['num_ambiguous'] == 1 and summary['num_never_drawn'] == 1
   plot = calibration.calibration_plot(truth, sampled)
   assert plot.shape[-1] == 3 and plot.dtype == np.uint8
+  with pytest.raises(ValueError, match='3 structure regions but 2 probabilities'):
+    calibration.structure_frequencies(masks, structures, probs[:2])
 
 
 def test_summary_statistics_by_hand():

@@ -315,6 +315,8 @@ def test_summarize():
   assert out['ci'] == {'mean': 0.5, 'std': pytest.approx(np.std([0.5, 1.0, 0.0])), 'count': 3}
   assert out['ged'] == {'mean': 0.25, 'std': 0.0, 'count': 1}
   assert isinstance(out['ci']['count'], int)
+  with pytest.raises(ValueError, match=r"'ci' has shape \(2, 3\); expected one value per"):
+    metrics.summarize({'ci': np.zeros((2, 3))})     # not 6 images
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -3,6 +3,7 @@ D_a / GED beside expert references), end to end at toy scale on an LIDC pickle w
 here in the real format. Every figure is recomputed from the written sample PNGs and the
 pickle's own masks with the loop reference (tests/metrics_reference.py)."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -109,6 +110,10 @@ def test_reproduce_table_has_every_n_and_says_what_is_published(trained):
   text = reproduce.markdown({16: report['scores']['16']}, 3, 'test', 'desc', rows)
   assert '| Method X | 16 | 0.250 | 0.500 | — | — | — | — | Paper, Table 1 |' in text
   assert 'none transcribed' not in text
+  for bad in (published.Row('Method Y', 16, {'hmiou': 0.5}, 'misspelt key'),
+              published.Row('Method Z', 20, {'ged': 0.2}, 'an N the table has not')):
+    with pytest.raises(ValueError, match=f'published row {bad.method!r}'):
+      reproduce.markdown({16: report['scores']['16']}, 3, 'test', 'desc', (bad,))
 
 
 def test_score_subsets_refuses_too_few_masks(trained):
@@ -138,21 +143,41 @@ def test_sanity_scores_model_and_expert_references(trained):
       v_min, v_max = metrics_reference.variance_range(experts)
       np.testing.assert_allclose(report[split]['one_expert']['da'][i],
                                  1 - (v_max + v_min) / 2, atol=1e-6)
+    for ref in ('one_expert', 'expert_draws'):   # model - reference, paired per image
+      for key in sanity.KEYS:
+        diff = np.subtract(report[split]['model'][key], report[split][ref][key])
+        got = report[split]['paired'][ref][key]
+        assert got['count'] == len(diff) and got['model_better'] == int(
+            np.sum(diff < 0 if key == 'ged' else diff > 0))
+        np.testing.assert_allclose(got['mean'], diff.mean(), atol=1e-9)
+        np.testing.assert_allclose(got['sem'], diff.std(ddof=1) / np.sqrt(len(diff)),
+                                   atol=1e-9)
   with open(os.path.join(workdir, 'report', 'sanity.md')) as f:
     text = f.read()
   assert "Split 'train'" in text and "Split 'test'" in text
+  ged = report['test']['paired']['expert_draws']['ged']
+  assert ('| model − expert_draws | ' in text and f'{ged["mean"]:+.3f} ± {ged["sem"]:.3f} '
+          f'({ged["model_better"]}/{ged["count"]})' in text)
   assert text.count('\n| LIDC-') == len(report['train']['case_ids'])
 
 
-def test_expert_draws_are_uniform_over_the_experts():
+def test_expert_draws_are_uniform_over_the_experts(monkeypatch):
   experts = np.zeros((4, 1, 4), bool)
   for k in range(4):
     experts[k, 0, k] = True          # expert k marks pixel k only
-  draws = sanity.expert_draws(experts, 4000, np.random.default_rng(0))
+  monkeypatch.setattr(np.random, 'default_rng', None)   # no NumPy generator involved
+  draws = sanity.expert_draws(experts, 4000, '0:train:LIDC-00_s0')
   assert draws.shape == (4000, 1, 4)
   assert (draws.sum(axis=(1, 2)) == 1).all()       # every draw is one expert's mask
   freq = draws[:, 0, :].mean(0)
   np.testing.assert_allclose(freq, 0.25, atol=0.03)  # 6 standard errors of 1/4 at 4000
+  # The documented rule: draw k is expert int(sha256('expert_draws:<key>:<k>'), 16) mod 4.
+  picks = draws[:, 0, :].argmax(1)
+  for k in (0, 1, 2, 3999):
+    digest = hashlib.sha256(f'expert_draws:0:train:LIDC-00_s0:{k}'.encode()).hexdigest()
+    assert picks[k] == int(digest, 16) % 4
+  other = sanity.expert_draws(experts, 4000, '0:test:LIDC-00_s0')[:, 0, :].argmax(1)
+  assert np.mean(other == picks) < 0.3              # another split draws independently
 
 
 def test_a_stopped_training_is_not_evaluated(trained, tmp_path):

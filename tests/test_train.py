@@ -3,6 +3,7 @@
 import glob
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from cimd_jax.train import monitor
 from cimd_jax.train import objective
 from cimd_jax.train import state as state_lib
 from cimd_jax.train import step as step_lib
+from cimd_jax.train import validation
 from cimd_jax.utils.errors import ConfigError, DivergenceError
 from tests import helpers
 
@@ -210,6 +212,30 @@ def test_first_adamw_step_by_hand_and_frozen_networks_untouched(weight_decay):
                                  err_msg=f'{mode} {name}')
 
 
+def test_the_loop_keeps_frozen_networks_at_their_initialisation(tmp_path, tfds_dir):
+  """Trained for 3 steps with weight decay: the networks 'frozen' and 'target' freeze
+  (state.FROZEN_NETWORKS) end where they started, in the parameters and their EMA; the
+  others move."""
+  for mode in ('frozen', 'target'):
+    s = helpers.settings(tfds_dir, training__num_steps=3, training__weight_decay=0.1,
+                         training__checkpoint_every=100, model__ambiguity=mode)
+    final = jax.device_get(helpers.train_loop(s, tmp_path / mode))
+    networks = build.build_networks(s.model, s.data.image_size, s.data.image_channels)
+    init = loop.init_state_fn(networks, state_lib.make_optimizer(s.training, mode),
+                              s.data.image_size, s.data.image_channels)
+    start = jax.device_get(jax.jit(init)(jax.random.PRNGKey(s.training.seed)).params)
+    assert set(final.params) == set(start) == {'unet', 'amn', 'acn'}
+    for name in start:
+      for field in ('params', 'ema_params'):
+        rtol = 1e-6 if field == 'ema_params' else 0   # the EMA of a constant: rounding
+        same = [np.allclose(a, b, rtol=rtol, atol=0) for a, b in zip(
+            jax.tree.leaves(getattr(final, field)[name]), jax.tree.leaves(start[name]))]
+        if name in state_lib.FROZEN_NETWORKS[mode]:
+          assert all(same), f'{mode}: {field}[{name!r}] moved'
+        else:
+          assert not all(same), f'{mode}: {field}[{name!r}] did not move'
+
+
 def test_quartile_sums_and_logged_learning_rate_by_hand():
   """quartile_sums bins t by t·4 // T (T = 1000: 0 and 249 in q0, 250 in q1, 999 in
   q3); the learning rate logged with an update is the one that update used: in a
@@ -293,24 +319,36 @@ def test_best_checkpoint_outlives_a_resume_without_validation(tmp_path, tfds_dir
   assert checkpoint.complete_steps(str(tmp_path)) == sorted({best, 6})
 
 
+def _assert_same_state(a, b):
+  assert int(a.step) == int(b.step)
+  for field in ('params', 'ema_params', 'opt_state'):
+    x_leaves = jax.tree.leaves(jax.device_get(getattr(a, field)))
+    y_leaves = jax.tree.leaves(jax.device_get(getattr(b, field)))
+    assert len(x_leaves) == len(y_leaves)
+    for x, y in zip(x_leaves, y_leaves):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6, err_msg=field)
+
+
 def test_resume_equals_straight_run(tmp_path, tfds_dir):
-  straight = _settings(tfds_dir, num_steps=6, checkpoint_every=100)
+  """Resumed from the end of a shorter run, and from a checkpoint saved mid-run (an
+  asynchronous save followed by steps that donate the state), training ends where an
+  uninterrupted run does: parameters, EMA and optimizer state."""
+  straight = _settings(tfds_dir, num_steps=6, checkpoint_every=2)
   final_straight = helpers.train_loop(straight, tmp_path / 'straight')
   first = _settings(tfds_dir, num_steps=3, checkpoint_every=100)
   helpers.train_loop(first, tmp_path / 'resumed')
   second = _settings(tfds_dir, num_steps=6, checkpoint_every=100)
   final_resumed = helpers.train_loop(second, tmp_path / 'resumed')
-  assert int(final_resumed.step) == int(final_straight.step) == 6
-  for field in ('params', 'ema_params', 'opt_state'):
-    a = jax.tree.leaves(jax.device_get(getattr(final_straight, field)))
-    b = jax.tree.leaves(jax.device_get(getattr(final_resumed, field)))
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  assert int(final_resumed.step) == 6
+  _assert_same_state(final_straight, final_resumed)
   steps = sorted(int(os.path.basename(p)) for p in
                  glob.glob(str(tmp_path / 'resumed' / 'checkpoints' / '*')) if
                  os.path.basename(p).isdigit())
   assert steps[-1] == 6 and 3 in steps
+  # The straight run's mid-run checkpoint 4, with 6 removed: steps 5 and 6 again.
+  shutil.rmtree(tmp_path / 'straight' / 'checkpoints' / '6')
+  assert checkpoint.complete_steps(str(tmp_path / 'straight'))[-1] == 4
+  _assert_same_state(final_straight, helpers.train_loop(straight, tmp_path / 'straight'))
 
 
 def test_tensorboard_events_have_scalar_and_image_tags(tmp_path, tfds_dir):
@@ -345,16 +383,29 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, tfds_dir):
   assert checkpoint.complete_steps(str(tmp_path / 'nan')) == []
 
 
-def test_validation_scores_are_stored_and_best_is_kept(tmp_path, tfds_dir):
+def test_validation_scores_are_stored_and_best_is_kept(tmp_path, tfds_dir, monkeypatch):
   """Training with validation stores each validated step's score (Orbax writes metrics
   only when its best_fn is set: without it `best` never resolved and the best step was
   deleted like any other); `best` is the highest stored score, kept beyond
   keep_checkpoints; calibration_mae as best_metric on data without known structure
-  frequencies is refused (it would be NaN at every step)."""
+  frequencies is refused (it would be NaN at every step). Validation samples with the
+  EMA weights (ema_rate 0.9: unlike the trained ones after 6 steps)."""
   s = helpers.settings(tfds_dir, training__num_steps=6, training__checkpoint_every=2,
                        training__keep_checkpoints=1, training__eval_every=2,
                        data__validation_fraction=0.25)
-  helpers.train_loop(s, tmp_path / 'run')
+  validated = {}
+  real_call = validation.Validator.__call__
+
+  def recording_call(self, params, step):
+    validated[step] = jax.device_get(params)
+    return real_call(self, params, step)
+  monkeypatch.setattr(validation.Validator, '__call__', recording_call)
+  final = helpers.train_loop(s, tmp_path / 'run')
+  assert sorted(validated) == [2, 4, 6]
+  ema, trained = jax.device_get((final.ema_params['unet'], final.params['unet']))
+  for got, want in zip(jax.tree.leaves(validated[6]), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(got, want)
+  assert any(not np.allclose(a, b) for a, b in zip(*map(jax.tree.leaves, (ema, trained))))
   manager = checkpoint.make_manager(str(tmp_path / 'run'), keep=3, read_only=True, best=True)
   scores = {st: float(manager.metrics(st)[checkpoint.BEST_KEY])
             for st in checkpoint.complete_steps(str(tmp_path / 'run'))}
@@ -371,19 +422,19 @@ def test_resuming_keeps_the_metric_the_checkpoints_are_ranked_by(tmp_path):
   """Checkpoints scored by -GED cannot be ranked with later ones scored by +CI (the
   better one would be deleted): resuming follows the stored best_metric, refuses an
   explicit other one, and is free to change it while no step holds a score."""
-  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import resume   # pylint: disable=g-import-not-at-top
 
   ged = helpers.settings(training__best_metric='ged')
   helpers.save_stand_in_checkpoint(tmp_path / 'scored', 2, ged, {checkpoint.BEST_KEY: -1.17})
-  resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
+  resumed = resume.resume_settings(helpers.settings(training__best_metric='ci'),
                                   str(tmp_path / 'scored'), set())
   assert resumed.training.best_metric == 'ged'
   with pytest.raises(ConfigError, match=r"^--config.training.best_metric='ci' differs .* "
                                         r"ranked by 'ged'"):
-    modes.resume_settings(helpers.settings(training__best_metric='ci'),
+    resume.resume_settings(helpers.settings(training__best_metric='ci'),
                           str(tmp_path / 'scored'), {'training.best_metric'})
   helpers.save_stand_in_checkpoint(tmp_path / 'unscored', 2, ged)
-  resumed = modes.resume_settings(helpers.settings(training__best_metric='ci'),
+  resumed = resume.resume_settings(helpers.settings(training__best_metric='ci'),
                                   str(tmp_path / 'unscored'), {'training.best_metric'})
   assert resumed.training.best_metric == 'ci'
 
@@ -395,24 +446,24 @@ def test_a_finished_run_refuses_settings_it_was_not_trained_with(tmp_path, caplo
   the new settings and config.json rewritten to claim them); with a larger num_steps
   the run continues with a warning; keys that only say how to run (num_steps,
   eval_every, tfds_dir) or what to test on change freely."""
-  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import resume   # pylint: disable=g-import-not-at-top
   helpers.save_stand_in_checkpoint(tmp_path, 2, helpers.settings(training__num_steps=2))
   other = helpers.settings(training__num_steps=2, objective__kl_weight=0.001,
                            training__seed=3)
   with pytest.raises(ConfigError, match=r'finished training \(step 2 of training.num_steps=2\)'
                                         r'.*objective.kl_weight=0.001 \(trained with 1.0\).*'
                                         r'training.seed=3 \(trained with 0\)'):
-    modes.resume_settings(other, str(tmp_path), set())
+    resume.resume_settings(other, str(tmp_path), set())
   longer = helpers.settings(training__num_steps=4, objective__kl_weight=0.001)
   with caplog.at_level(logging.WARNING):
-    got = modes.resume_settings(longer, str(tmp_path), set())
+    got = resume.resume_settings(longer, str(tmp_path), set())
   assert got.objective.kl_weight == 0.001
   assert any('objective.kl_weight=0.001 (trained with 1.0)' in r.getMessage()
              for r in caplog.records)
   same = helpers.settings(training__num_steps=2, training__eval_every=7,
                           data__tfds_dir=str(tmp_path / 'elsewhere'),
                           data__synthetic_num_test=9)      # the test split only
-  assert modes.resume_settings(same, str(tmp_path), set()).training.eval_every == 7
+  assert resume.resume_settings(same, str(tmp_path), set()).training.eval_every == 7
 
 
 def test_resume_refuses_another_data_order_and_warns_about_the_schedule(tmp_path, caplog):
@@ -420,19 +471,25 @@ def test_resume_refuses_another_data_order_and_warns_about_the_schedule(tmp_path
   position skip or repeat examples (refused, naming the key); a cosine decay rebuilt
   over another num_steps, and a num_steps below the checkpoint's step, are named in
   warnings."""
-  from cimd_jax.apps import modes   # pylint: disable=g-import-not-at-top
+  from cimd_jax.apps import resume   # pylint: disable=g-import-not-at-top
   helpers.save_stand_in_checkpoint(
       tmp_path, 2, helpers.settings(training__num_steps=8, training__lr_schedule='cosine'))
-  for key, value in (('training__batch_size', 8), ('data__synthetic_seed', 99)):
+  for key, value in (('training__batch_size', 8), ('data__synthetic_seed', 99),
+                     ('training__seed', 3), ('training__grad_clip_norm', 0.0)):
     other = helpers.settings(training__num_steps=8, training__lr_schedule='cosine',
                              **{key: value})
     with pytest.raises(ConfigError, match=rf'resuming at step 2 with '
                                           rf'{key.replace("__", ".")} changed'):
-      modes.resume_settings(other, str(tmp_path), set())
+      resume.resume_settings(other, str(tmp_path), set())
+  clip = helpers.settings().training.grad_clip_norm
+  assert clip > 0   # another positive bound fits the saved optimizer state: a warning only
+  resume.resume_settings(helpers.settings(training__num_steps=8, training__lr_schedule='cosine',
+                                         training__grad_clip_norm=2 * clip),
+                        str(tmp_path), set())
   with caplog.at_level(logging.WARNING):
-    modes.resume_settings(helpers.settings(training__num_steps=16,
+    resume.resume_settings(helpers.settings(training__num_steps=16,
                                            training__lr_schedule='cosine'), str(tmp_path), set())
-    modes.resume_settings(helpers.settings(training__num_steps=1,
+    resume.resume_settings(helpers.settings(training__num_steps=1,
                                            training__lr_schedule='cosine'), str(tmp_path), set())
   warned = ' | '.join(r.getMessage() for r in caplog.records)
   assert 'cosine learning-rate decay was built over 8 steps' in warned

@@ -9,7 +9,7 @@ config otherwise unchanged; each is evaluated with every sampler of SAMPLERS on
 evaluations are reused when they were made with the requested sampling (REUSE_KEYS)
 of the checkpoint now there, so an interrupted run continues where it stopped; a
 finished training asked for other training settings is refused
-(modes.resume_settings). The full-T DDPM row is named by the model's T. The table
+(resume.resume_settings). The full-T DDPM row is named by the model's T. The table
 (WORKDIR/ablations.md, printed too) gives, per row, calibration MAE on the ambiguous
 structures, the largest sampled frequency of a structure no expert draws, the
 fraction of samples that are foreground at every pixel, GED, CI, D_a and HM-IoU, each

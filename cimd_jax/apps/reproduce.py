@@ -57,6 +57,11 @@ def markdown(scores: dict[int, dict[str, dict[str, float]]], num_images: int, sp
                  + ' | '.join(_cell(stats[k]) for k, _ in COLUMNS)
                  + f' | {description} |')
   for r in rows:
+    unknown = sorted(set(r.values) - {k for k, _ in COLUMNS})
+    if unknown or r.num_samples not in SAMPLE_COUNTS + (0,):
+      raise ValueError(f'published row {r.method!r} ({r.source}): metric keys {unknown} '
+                       f'not among {[k for k, _ in COLUMNS]}, or N={r.num_samples} not '
+                       f'one of {SAMPLE_COUNTS} (0: not stated)')
     lines.append(f'| {r.method} | {r.num_samples or "?"} | '
                  + ' | '.join(_cell(r.values.get(k)) for k, _ in COLUMNS)
                  + f' | {r.source} |')

@@ -46,6 +46,9 @@ def structure_frequencies(masks: np.ndarray, structures: np.ndarray, probs: np.n
       empty region and are skipped.
   """
   masks = metrics.as_masks(masks, 'masks', '[N, H, W]')   # checked once, not per structure
+  if len(structures) != len(probs):
+    raise ValueError(f'structure_frequencies: {len(structures)} structure regions but '
+                     f'{len(probs)} probabilities; expected one per region')
   truth, sampled = [], []
   for region, p in zip(structures, probs):
     if p < 0 or not np.any(region):

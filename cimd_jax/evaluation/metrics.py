@@ -445,7 +445,8 @@ def summarize(per_image: dict[str, Any]) -> dict[str, dict[str, float]]:
   """Dataset figures from per-image metrics.
 
   Args:
-    per_image: {metric: array [B]} as returned by `evaluate`.
+    per_image: {metric: array [B]} as returned by `evaluate` (anything but 1-D is
+      refused: a [B, K] array would count B * K images).
 
   Returns:
     {metric: {'mean', 'std', 'count'}}: mean and population std (ddof = 0) over the
@@ -453,7 +454,10 @@ def summarize(per_image: dict[str, Any]) -> dict[str, dict[str, float]]:
   """
   out = {}
   for key, values in per_image.items():
-    v = np.asarray(values, np.float64).reshape(-1)
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1:
+      raise ValueError(f'summarize: {key!r} has shape {v.shape}; expected one value per '
+                       'image, [B]')
     out[key] = {'mean': float(v.mean()) if v.size else float('nan'),
                 'std': float(v.std()) if v.size else float('nan'),
                 'count': int(v.size)}

@@ -5,7 +5,9 @@ networks output one constant, whatever the mask. The probe shows it: for a fixed
 set of training images, the AMN's mean is computed for every expert's mask of each
 image; its spread across the experts of an image (the standard deviation over the
 A masks, averaged over latent dimensions and images) is compared with the AMN's own
-sigma. A collapsed AMN has spread ~ 0 (e.g. 0.01 against sigma ~ 1).
+sigma. A collapsed AMN has spread ~ 0 (e.g. 0.01 against sigma ~ 1). The probe feeds
+the clean expert masks, as the AMN sees them with objective.amn_input='clean' (the
+default); with 'noisy' it trains on x_t, so the probe measures it on inputs it never saw.
 
 Scalars: ambiguity/amn_mean_spread, ambiguity/amn_sigma,
 ambiguity/spread_over_sigma (the ratio), ambiguity/acn_sigma.

@@ -5,8 +5,10 @@ checkpoint in WORKDIR/checkpoints (params, optimizer, EMA, PRNG key and data ord
 and stores the run's configuration with every checkpoint. Only process 0 writes
 TensorBoard and console lines; every process takes part in saving.
 
-TensorBoard tags: loss, mse, vlb, kl (window means), mse_by_t/q0..q3 (MSE of the
-examples whose t falls in each quarter of [0, T)), grad_norm, param_norm,
+TensorBoard tags: loss, mse, vlb, kl (window means; mse is the loss's squared-error
+term: the x0 or eps error as diffusion.prediction says, weighted over t by
+objective.mse_weighting, so not comparable across those), mse_by_t/q0..q3 (that term
+for the examples whose t falls in each quarter of [0, T)), grad_norm, param_norm,
 learning_rate, steps_per_s, images_per_s (training steps only: the compiling first
 step, validation and saving are left out); with the AMN/ACN, ambiguity/amn_mean_spread,
 amn_sigma, spread_over_sigma, acn_sigma (train/ambiguity.py: a collapse shows as a
