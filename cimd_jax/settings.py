@@ -11,12 +11,10 @@ and whose `__post_init__` checks every value (a one-line ConfigError naming
   training   cimd_jax.train.args.TrainingArgs
   sampling   cimd_jax.inference.SamplingArgs
 
-The defaults of every key are the dataclass defaults (`default_config()`); config
-files in configs/ start from it and change what differs. Adding a setting touches
-one dataclass field (with its default and check) and nothing else.
-
-A checkpoint stores `to_dict(settings)`; sample, evaluate and resume rebuild the
-model from it (`reconcile`).
+Defaults: the dataclass defaults (`default_config()`), which the config files in
+configs/ change; a new setting is one dataclass field (default and check). A
+checkpoint stores `to_dict(settings)`; sample, evaluate and resume rebuild the model
+from it (`reconcile`).
 """
 
 import dataclasses
@@ -44,8 +42,7 @@ GROUPS: dict[str, type] = {
     'training': TrainingArgs,
     'sampling': SamplingArgs,
 }
-# Keys a checkpoint fixes: the network's shape and the diffusion it was trained for;
-# everything else (sampler, steps, N, seed, data source, schedule, ...) may change.
+# Keys a checkpoint fixes (the network's shape, its diffusion); all others may change.
 FROZEN_GROUPS = ('model', 'diffusion')
 FROZEN_KEYS = ('data.image_size', 'data.image_channels')
 # Data keys that decide the held-out splits and what the network is shown: on the data
@@ -54,14 +51,15 @@ FROZEN_KEYS = ('data.image_size', 'data.image_channels')
 SAME_SOURCE_KEYS = ('seed', 'validation_fraction', 'test_fraction', 'split_file',
                     'mask_threshold', 'resize', 'percentile_low', 'percentile_high',
                     'hdf5_image_range', 'nifti_image_patterns', 'nifti_axis')
-# Data keys that turn an image file into the network's input (folder.read_image). An
-# unlabelled input folder (sampling.input_dir) is read with the checkpoint's values,
-# whatever data source the sampling config names: the network saw images made so.
+# Data keys that turn an image file into the network's input (folder.read_image): an
+# unlabelled input folder (sampling.input_dir) is read with the checkpoint's values on
+# any data source, as the network saw them; NIfTI scans of a NIfTI-trained model also
+# with its slice axis and channel order (NIFTI_INPUT_KEYS).
 INPUT_IMAGE_KEYS = ('resize', 'percentile_low', 'percentile_high')
+NIFTI_INPUT_KEYS = ('nifti_axis', 'nifti_image_patterns')
 # Keys that decide what a training run learns beyond the network (FROZEN_*): a finished
-# run was trained with its stored values, so a request for others there trains nothing
-# with them (`changed_training_keys`). NOT_TRAINING_DATA_KEYS: where or how fast
-# records are read, or only the test split.
+# run trains nothing with others (`changed_training_keys`). NOT_TRAINING_DATA_KEYS:
+# where or how fast records are read, or only the test split.
 NOT_TRAINING_DATA_KEYS = ('tfds_dir', 'worker_count', 'synthetic_num_test')
 TRAINING_KEYS = (('objective', None),    # None: every key of the group
                  ('training', ('batch_size', 'ema_rate', 'grad_clip_norm', 'learning_rate',
@@ -70,9 +68,9 @@ TRAINING_KEYS = (('objective', None),    # None: every key of the group
                                 if k not in NOT_TRAINING_DATA_KEYS)))
 # Model keys that change only how the same network is computed (may differ after training).
 COMPUTE_KEYS = ('model.compute_dtype', 'model.remat')
-# Frozen keys added after checkpoints were first written: the value a checkpoint stored
-# without them was trained with (reconcile reads it, not a config file's newer default).
-LEGACY_VALUES = {'model': {'detach_variance': False}}
+# Frozen keys added after checkpoints were first written: the value a checkpoint without
+# them was trained with (read by reconcile, not a config file's newer default).
+LEGACY_VALUES = {'model': {'detach_variance': False}, 'diffusion': {'prediction': 'eps'}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,16 +126,15 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
               where: str, input_images: bool = False) -> Settings:
   """The settings to run with on a trained checkpoint.
 
-  The checkpoint's model and diffusion settings (and image size and channels) win:
-  a key that differs only because the config file says otherwise is taken from
-  the checkpoint (logged); a key the user set explicitly (`overrides`, dotted names
-  from the command line) to another value than the checkpoint's raises ConfigError
-  naming the key and both values. On the data source it was trained on, the keys
-  that define the splits and preprocessing (SAME_SOURCE_KEYS) follow the checkpoint
-  too, explicit overrides kept with a warning; with `input_images` (sampling an
-  unlabelled input folder) INPUT_IMAGE_KEYS follow it on any source, by the same
-  rule. Keys that may change after training (sampling, data, schedule, compute dtype)
-  are kept as given; a key the checkpoint predates reads as LEGACY_VALUES says.
+  The checkpoint's model and diffusion settings (and image size and channels) win: a
+  key that differs only because the config file says otherwise is taken from the
+  checkpoint (logged); one set explicitly (`overrides`, dotted names from the command
+  line) to another value raises ConfigError naming the key and both values. On the
+  data source it was trained on, SAME_SOURCE_KEYS follow the checkpoint too, explicit
+  overrides kept with a warning; with `input_images` (an unlabelled input folder),
+  INPUT_IMAGE_KEYS on any source by the same rule, and NIFTI_INPUT_KEYS when both
+  name 'nifti'. Other keys (sampling, data, schedule, compute dtype) are kept as
+  given; a key the checkpoint predates reads as LEGACY_VALUES says.
   """
   if stored is None:
     logging.warning('%s has no stored configuration (older checkpoint); using the given '
@@ -167,7 +164,10 @@ def reconcile(current: Settings, stored: Mapping[str, Any] | None, overrides: se
       values[group][key] = old
   _follow_same_source(values['data'], stored.get('data') or {}, overrides, where)
   if input_images:
-    _follow(values['data'], stored.get('data') or {}, INPUT_IMAGE_KEYS, overrides, where,
+    old = stored.get('data') or {}
+    keys = INPUT_IMAGE_KEYS + (NIFTI_INPUT_KEYS if values['data']['name'] == old.get('name')
+                               == 'nifti' else ())
+    _follow(values['data'], old, keys, overrides, where,
             'its input images are not read as training\'s were')
   return from_config(values)
 

@@ -1089,9 +1089,10 @@ def test_input_folder_ids_are_distinct_and_case_folders_stack_channels(tmp_path)
   Image.fromarray(second).save(inputs / 'y.png')
   cases = image_folder.list_input_images(str(inputs))
   assert [c.case_id for c in cases] == ['x', 'x.jpg', 'x.png', 'y']
-  # input_dir = one case folder: its image files are inputs, its label files are not.
+  # input_dir = one case folder: one input, its image_* files the channels (not one
+  # input per channel file), its label files none.
   inside = image_folder.list_input_images(str(inputs / 'x'))
-  assert [c.case_id for c in inside] == ['image_t2', 'image_t10']
+  assert inside == [cases[0]]
   args = DataArgs(name='synthetic', image_size=16, image_channels=2)
   stacked = image_folder.read_input_image(cases[0], args)
   np.testing.assert_allclose(stacked.image, np.stack([first, second], -1) / 127.5 - 1,
@@ -1099,6 +1100,31 @@ def test_input_folder_ids_are_distinct_and_case_folders_stack_channels(tmp_path)
   single = image_folder.read_input_image(cases[-1], args)   # one channel -> replicated
   np.testing.assert_allclose(single.image, np.repeat(second[..., None], 2, -1) / 127.5 - 1,
                              atol=1e-6)
+
+
+def test_wide_inputs_are_refused_for_models_trained_on_fixed_scale_records(tmp_path):
+  """A 16-bit PNG among the inputs of a model trained on LIDC pickle or HDF5 records
+  (whose floats were scaled to 0..255 by a fixed rule, not the percentile rule wide
+  inputs get) is refused, naming the file (skipped and listed with
+  skip_bad_inputs); 8-bit inputs pass; a folder-trained model reads it by the
+  percentile rule as in training."""
+  inputs = tmp_path / 'inputs'
+  inputs.mkdir()
+  rng = np.random.default_rng(2)
+  Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(inputs / 'a.png')
+  Image.fromarray(rng.integers(0, 65536, (16, 16)).astype(np.uint16)).save(inputs / 'b.png')
+  s = helpers.settings(sampling__input_dir=str(inputs), data__image_size=16)
+  for source in ('lidc_pickle', 'lidc_hdf5'):
+    with pytest.raises(sample_inputs.InputError,
+                       match=rf"b\.png: a 'I;16' image .* trained on {source} records"):
+      sample_inputs.folder_inputs(s, source)
+  skipping = dataclasses.replace(s, sampling=dataclasses.replace(s.sampling,
+                                                                 skip_bad_inputs=True))
+  read = sample_inputs.folder_inputs(skipping, 'lidc_pickle')
+  assert [c.case_id for c in read.cases] == ['a'] and 'b.png' in read.skipped[0]
+  both = sample_inputs.folder_inputs(s, 'folder')
+  assert [c.case_id for c in both.cases] == ['a', 'b']
+  assert both.cases[1].image.min() == -1.0 and both.cases[1].image.max() == 1.0
 
 
 def test_folder_wide_image_with_nan_is_named(tmp_path):

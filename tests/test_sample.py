@@ -165,7 +165,10 @@ def test_input_folder_sampling_uses_the_checkpoints_preprocessing(trained, tmp_p
                            data__percentile_low=5.0, sampling__input_dir=str(tmp_path / 'in'))
   stored = helpers.settings(tfds_dir).data.percentile_low
   assert stored != 5.0
-  assert sampling.prepare(other, str(workdir), set()).settings.data.percentile_low == stored
+  prepared = sampling.prepare(other, str(workdir), set())
+  assert prepared.settings.data.percentile_low == stored
+  # The source it was trained on (which decides whether wide input files are read).
+  assert prepared.trained_on == helpers.settings(tfds_dir).data.name != 'folder'
   split = helpers.settings(tfds_dir, data__name='folder', data__source_dir=str(tmp_path),
                            data__percentile_low=5.0)
   assert sampling.prepare(split, str(workdir), set()).settings.data.percentile_low == 5.0
@@ -276,6 +279,13 @@ def test_prepare_images_reads_uint8_and_floats_and_warns_on_0_1_floats(caplog):
     np.testing.assert_array_equal(model_lib.prepare_images(unit, 2, 1)[..., 0], unit)
   warned = [r.getMessage() for r in caplog.records if r.levelno >= 30]
   assert len(warned) == 1 and 'lie in [0, 1]' in warned[0] and '2x - 1' in warned[0]
+  caplog.clear()
+  with caplog.at_level('WARNING'):   # a PHiSeg HDF5 file's raw values: half the contrast
+    model_lib.prepare_images(signed, 2, 1, raw_range=(0.0, 1.0))    # not inside: fine
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    model_lib.prepare_images(signed / 2, 2, 1, raw_range=(-0.5, 0.5))
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+  assert len(warned) == 1 and 'inside the range [-0.5, 0.5]' in warned[0]
   for bad in (signed * 2, np.where(signed > 0, np.nan, signed)):
     with pytest.raises(InputError, match=r'finite and in \[-1, 1\]'):
       model_lib.prepare_images(bad, 2, 1)

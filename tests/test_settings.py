@@ -76,6 +76,39 @@ def test_an_input_folder_is_read_with_the_checkpoints_preprocessing(caplog):
              'not read as training' in r.getMessage() for r in caplog.records)
 
 
+def test_nifti_scans_are_sliced_and_stacked_as_the_checkpoints_were(caplog):
+  """Sampling NIfTI scans from another folder with a NIfTI-trained checkpoint: the
+  slice axis and the sequence patterns (the channel order) are the checkpoint's, not
+  the sampling config's; an explicit other axis is kept with a warning; a model
+  trained on another source does not impose its (unused) NIfTI keys."""
+  raters = dict(num_annotators=2, nifti_rater_patterns=('*r1*', '*r2*'), image_channels=2)
+  trained = dict(name='nifti', source_dir='/data/ms', nifti_axis=0,
+                 nifti_image_patterns=('*t1*', '*flair*'), **raters)
+  now = _settings(name='nifti', source_dir='/data/new_scans', nifti_axis=2,
+                  nifti_image_patterns=('*flair*', '*t1*'), **raters)
+  got = settings_lib.reconcile(now, _stored(**trained), set(), 'ckpt', True).data
+  assert got.nifti_axis == 0 and tuple(got.nifti_image_patterns) == ('*t1*', '*flair*')
+  with caplog.at_level(logging.WARNING):
+    kept = settings_lib.reconcile(now, _stored(**trained), {'data.nifti_axis'}, 'ckpt',
+                                  True).data
+  assert kept.nifti_axis == 2 and tuple(kept.nifti_image_patterns) == ('*t1*', '*flair*')
+  assert any('--config.data.nifti_axis=2' in r.getMessage() for r in caplog.records)
+  other = settings_lib.reconcile(now, _stored(**dict(trained, name='folder')), set(),
+                                 'ckpt', True).data
+  assert other.nifti_axis == 2 and tuple(other.nifti_image_patterns) == ('*flair*', '*t1*')
+
+
+def test_a_checkpoint_stored_before_prediction_was_a_key_is_sampled_as_eps():
+  """Checkpoints written before diffusion.prediction existed trained eps prediction: a
+  config that says x0 (demo.py, lidc.py) must not sample them as x0."""
+  config = settings_lib.default_config()
+  config.diffusion.prediction = 'x0'
+  old = _stored()
+  del old['diffusion']['prediction']
+  now = settings_lib.from_config(config)
+  assert settings_lib.reconcile(now, old, set(), 'ckpt').diffusion.prediction == 'eps'
+
+
 def test_a_checkpoint_stored_before_detach_variance_keeps_training_as_it_did():
   """A checkpoint whose stored model group predates model.detach_variance was trained
   with the v gradient flowing through the UNet: a config that now sets it True must

@@ -62,10 +62,18 @@ def split_inputs(settings: settings_lib.Settings, workdir: str) -> Inputs:
   return Inputs(dataset_cases(settings, workdir), [], volume_of)
 
 
-def folder_inputs(settings: settings_lib.Settings) -> Inputs:
+# Sources whose float images were scaled to 0..255 by a fixed rule (the model's inputs
+# must be too): image files wider than 8 bits are refused for models trained on them.
+FIXED_SCALE_SOURCES = {
+    'lidc_pickle': "lidc_pickle records (images in [0, 1] stored as rint(255 x))",
+    'lidc_hdf5': "lidc_hdf5 records (images mapped from data.hdf5_image_range to 0..255)",
+}
+
+
+def folder_inputs(settings: settings_lib.Settings, trained_on: str = '') -> Inputs:
   """The inputs of sampling.input_dir (its first sampling.max_images usable images, as
-  for NIfTI scans); without sampling.skip_bad_inputs the first bad input raises
-  InputError naming the file."""
+  for NIfTI scans) for a model trained on data source `trained_on`; without
+  sampling.skip_bad_inputs the first bad input raises InputError naming the file."""
   if settings.data.name == 'nifti':
     return _nifti_inputs(settings)
   data, sampling = settings.data, settings.sampling
@@ -74,6 +82,8 @@ def folder_inputs(settings: settings_lib.Settings) -> Inputs:
     if 0 < sampling.max_images <= len(cases):
       break
     try:
+      if trained_on in FIXED_SCALE_SOURCES:
+        image_folder.check_8bit(found_case, FIXED_SCALE_SOURCES[trained_on])
       img = image_folder.read_input_image(found_case, data)
     except image_folder.BadInputImage as e:
       if not sampling.skip_bad_inputs:

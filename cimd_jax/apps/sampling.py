@@ -40,6 +40,7 @@ class Prepared:
   params: Any
   step: int
   draw: ensemble.EnsembleFn
+  trained_on: str = ''   # the checkpoint's data.name
 
 
 def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) -> Prepared:
@@ -54,7 +55,8 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
   restored = restore.restore_unet(workdir, step, settings.sampling.use_ema, expected)
   draw = ensemble.make_ensemble_fn(settings.model, settings.data.image_size,
                                    settings.diffusion, settings.sampling)
-  return Prepared(settings, restored.params, restored.step, draw)
+  return Prepared(settings, restored.params, restored.step, draw,
+                  ((stored or {}).get('data') or {}).get('name', ''))
 
 
 def draw_cases(cases: list[Case], prepared: Prepared, desc: str
@@ -127,7 +129,7 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   s = prepared.settings
   if s.sampling.input_dir:
     source = os.path.abspath(os.path.expanduser(s.sampling.input_dir))
-    inputs = sample_inputs.folder_inputs(s)
+    inputs = sample_inputs.folder_inputs(s, prepared.trained_on)
     name = os.path.basename(os.path.normpath(s.sampling.input_dir))
   else:
     source = f'split:{s.sampling.split}'

@@ -232,7 +232,7 @@ def _resized(img: Image.Image, size: int) -> Image.Image:
 
 
 # Modes of images wider than 8 bits: 16-bit grey (PNG, TIFF), 32-bit int, float.
-_WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
+WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
 
 
 def to_8bit(img: Image.Image, where: str, percentile_low: float,
@@ -250,7 +250,7 @@ def to_8bit(img: Image.Image, where: str, percentile_low: float,
     img = img.convert('L')
   elif img.mode in ('CMYK', 'YCbCr'):
     img = img.convert('RGB')
-  elif img.mode in _WIDE_MODES:
+  elif img.mode in WIDE_MODES:
     try:
       u8 = intensity.to_uint8(np.asarray(img), percentile_low, percentile_high)
     except intensity.NonFiniteError as e:

@@ -2,10 +2,12 @@
 
 Accepted layouts: image files directly in DIR (.png, .jpg, .jpeg, .bmp, .tif, .tiff),
 and/or case folders DIR/<case>/ holding `image_*` files as in the CIMD layout (several
-stack as channels). Label files (`label<i>_*`, the experts' masks) are never inputs,
-in a case folder or directly in DIR (DIR itself a case folder). Every input is read
+stack as channels). Label files (`label<i>_*`, the experts' masks) are never inputs;
+when DIR holds them it is itself a case folder, and its `image_*` files are one input
+named after DIR (channels stacked, as training read it). Every input is read
 by the training reader (`folder.read_image` with the run's DataArgs): the same channel
-rules, the same percentile rule for images wider than 8 bits, the same size checks.
+rules, the same percentile rule for images wider than 8 bits (`check_8bit` refuses
+them for models trained on fixed-scale records), the same size checks.
 
 Case ids: a file's name without its extension, or the folder's name; when two inputs
 would get the same id (`x.png` and `x.jpg`, or `x.png` and a folder `x`), the files
@@ -19,6 +21,7 @@ import re
 
 from absl import logging
 import numpy as np
+from PIL import Image
 
 from cimd_jax.data import folder
 from cimd_jax.data.args import DataArgs
@@ -72,6 +75,11 @@ def list_input_images(input_dir: str) -> list[InputCase]:
                 and os.path.isfile(os.path.join(path, f))]
       if images:
         folders.append(InputCase(name, path, tuple(images)))
+  own = [n for n in files if folder.file_type(n) == 'image']
+  if labels and own:   # DIR is a case folder: its image_* files are one case's channels
+    files = [n for n in files if n not in own]
+    folders.append(InputCase(os.path.basename(os.path.normpath(input_dir)), input_dir,
+                             tuple(own)))
   stems = collections.Counter([os.path.splitext(n)[0] for n in files] +
                               [c.case_id for c in folders])
   cases = [InputCase(os.path.splitext(n)[0] if stems[os.path.splitext(n)[0]] == 1 else n,
@@ -86,6 +94,24 @@ def list_input_images(input_dir: str) -> list[InputCase]:
   ids = [c.case_id for c in cases]
   assert len(set(ids)) == len(ids), ids
   return sorted(cases, key=lambda c: folder.natural_key(c.case_id))
+
+
+def check_8bit(case: InputCase, trained_on: str) -> None:
+  """BadInputImage naming a file of `case` wider than 8 bits: a model trained on
+  `trained_on` (a fixed scaling of its float images) would get it by the percentile
+  rule instead, at another contrast. Unreadable files are left to read_input_image."""
+  for name in case.images:
+    path = os.path.join(case.folder, name)
+    try:
+      with Image.open(path) as img:
+        mode = img.mode
+    except OSError:
+      continue
+    if mode in folder.WIDE_MODES:
+      raise BadInputImage(
+          f'{path}: a {mode!r} image (wider than 8 bits); the model was trained on '
+          f'{trained_on}, which the percentile rule for wide inputs does not reproduce; '
+          'expected an 8-bit image scaled by that rule (docs/data.md)')
 
 
 def read_input_image(case: InputCase, args: DataArgs) -> InputImage:

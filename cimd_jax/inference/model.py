@@ -38,13 +38,16 @@ class Samples:
   variance: np.ndarray
 
 
-def prepare_images(images: Any, image_size: int, image_channels: int) -> np.ndarray:
+def prepare_images(images: Any, image_size: int, image_channels: int,
+                   raw_range: tuple[float, float] | None = None) -> np.ndarray:
   """Images as the model takes them: float32 [B, H, W, C] in [-1, 1].
 
   Accepts uint8 [B, H, W] or [B, H, W, C] (0..255, read as training reads records:
   x / 127.5 - 1), or float arrays already in [-1, 1] (a batch with no negative value,
-  likely [0, 1] images, is warned about). A single-channel image is repeated to C
-  channels. Raises InputError naming the shape or range at fault.
+  likely [0, 1] images, is warned about, and so is one inside `raw_range`, the range
+  float source images were stored in, e.g. a PHiSeg HDF5 file's, which training
+  mapped to [-1, 1]). A single-channel image is repeated to C channels. Raises
+  InputError naming the shape or range at fault.
   """
   x = np.asarray(images)
   if x.ndim == 3:
@@ -70,6 +73,12 @@ def prepare_images(images: Any, image_size: int, image_channels: int) -> np.ndar
     logging.warning('float images all lie in [%.4g, %.4g]: the model takes [-1, 1] '
                     '(uint8 / 127.5 - 1); rescale [0, 1] images (2x - 1) or pass uint8',
                     x.min(), x.max())
+  elif (raw_range is not None and tuple(raw_range) != (-1.0, 1.0)
+        and raw_range[0] <= x.min() and x.max() <= raw_range[1]):
+    logging.warning('float images all lie in [%.4g, %.4g], inside the range [%g, %g] the '
+                    'training images were stored in: the model takes them mapped to [-1, 1] '
+                    '(as the records were made); pass them mapped so, or as uint8',
+                    x.min(), x.max(), *raw_range)
   return x
 
 
@@ -107,7 +116,9 @@ class Model:
       seed: image b's masks depend only on (seed, b).
       max_batch: rows (images x samples) per compiled call.
     """
-    x = prepare_images(images, self.image_size, self.image_channels)
+    data = self.config.get('data', {})
+    raw = tuple(data['hdf5_image_range']) if data.get('name') == 'lidc_hdf5' else None
+    x = prepare_images(images, self.image_size, self.image_channels, raw)
     own_sampler = sampler is None or sampler == self.sampling.sampler
     if steps is None:
       steps = self.sampling.steps if own_sampler else ''
