@@ -117,7 +117,8 @@ class Model:
       max_batch: rows (images x samples) per compiled call.
     """
     data = self.config.get('data', {})
-    raw = tuple(data['hdf5_image_range']) if data.get('name') == 'lidc_hdf5' else None
+    raw = (tuple(data['hdf5_image_range'])
+           if data.get('name') == 'lidc_hdf5' and data.get('hdf5_image_range') else None)
     x = prepare_images(images, self.image_size, self.image_channels, raw)
     own_sampler = sampler is None or sampler == self.sampling.sampler
     if steps is None:
