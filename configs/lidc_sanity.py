@@ -11,8 +11,9 @@ Trained like the demo (configs/synthetic.py): x0 prediction (with eps the demo d
 6000 steps with cosine decay (README: fitted better than 3000 constant-lr steps, GED
 0.071 vs 0.097 on the training images, about 84 minutes on a 2-core CPU). From
 configs/lidc.py it takes model.detach_variance=True: with it this config's run gave
-GED 0.050 on the training images (README; the experts' own spread: 0.021); add
---config.model.detach_variance=False to repeat the README's earlier runs.
+GED 0.050 on the training images, and with --config.training.num_steps=12000 0.035
+(README; the experts' own spread: 0.018); add --config.model.detach_variance=False to
+repeat the README's earlier runs.
 
 This is a check that the model reproduces real expert disagreement on images it has
 seen, not a benchmark: 19 cases are far too few to generalise.
