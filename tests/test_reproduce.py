@@ -166,7 +166,7 @@ def test_expert_draws_are_uniform_over_the_experts(monkeypatch):
   for k in range(4):
     experts[k, 0, k] = True          # expert k marks pixel k only
   monkeypatch.setattr(np.random, 'default_rng', None)   # no NumPy generator involved
-  draws = sanity.expert_draws(experts, 4000, '0:train:LIDC-00_s0')
+  draws = sanity.expert_draws(experts, 4000, 0, 'train:LIDC-00_s0')
   assert draws.shape == (4000, 1, 4)
   assert (draws.sum(axis=(1, 2)) == 1).all()       # every draw is one expert's mask
   freq = draws[:, 0, :].mean(0)
@@ -176,7 +176,7 @@ def test_expert_draws_are_uniform_over_the_experts(monkeypatch):
   for k in (0, 1, 2, 3999):
     digest = hashlib.sha256(f'expert_draws:0:train:LIDC-00_s0:{k}'.encode()).hexdigest()
     assert picks[k] == int(digest, 16) % 4
-  other = sanity.expert_draws(experts, 4000, '0:test:LIDC-00_s0')[:, 0, :].argmax(1)
+  other = sanity.expert_draws(experts, 4000, 0, 'test:LIDC-00_s0')[:, 0, :].argmax(1)
   assert np.mean(other == picks) < 0.3              # another split draws independently
 
 

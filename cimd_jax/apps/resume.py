@@ -55,11 +55,11 @@ def _check_training_changes(settings: settings_lib.Settings, stored: dict[str, A
         'the saved data position counts batches of the stored data and batch size, so '
         'examples would be skipped or repeated; resume with the stored values, or train '
         'in a new workdir')
-  kept = [k for k, old, new in changed if k == 'training.seed' or (
+  unusable = [k for k, old, new in changed if k == 'training.seed' or (
       k == 'training.grad_clip_norm' and (old > 0) != (new > 0))]
-  if kept:
+  if unusable:
     raise ConfigError(
-        f'{workdir}: resuming at step {step} with {", ".join(kept)} changed ({shown}): the '
+        f'{workdir}: resuming at step {step} with {", ".join(unusable)} changed ({shown}): the '
         'seed is used only at step 0 (a resumed run continues the checkpoint\'s random '
         'stream) and clipping switched on or off does not fit the saved optimizer state; '
         'resume with the stored values, or train in a new workdir')

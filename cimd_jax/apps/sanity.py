@@ -18,7 +18,6 @@ not a benchmark.
 """
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from cimd_jax import settings as settings_lib
 from cimd_jax.apps import sampling
+from cimd_jax.data import splits
 from cimd_jax.evaluation import reports
 
 SPLITS = ('train', 'test')
@@ -39,12 +39,14 @@ def one_expert(experts: np.ndarray, num_samples: int) -> np.ndarray:
   return np.repeat(np.asarray(experts, bool)[:1], num_samples, 0)
 
 
-def expert_draws(experts: np.ndarray, num_samples: int, key: str) -> np.ndarray:
+def expert_draws(experts: np.ndarray, num_samples: int, seed: int, image: str
+                 ) -> np.ndarray:
   """N masks drawn uniformly, with replacement, from the experts: [A, H, W] -> [N, H, W];
-  draw k is expert int(sha256(f'expert_draws:{key}:{k}'), 16) mod A."""
+  draw k is expert int(splits.seeded_digest('expert_draws', seed, f'{image}:{k}'), 16)
+  mod A (`image`: '<split>:<case id>')."""
   experts = np.asarray(experts, bool)
-  picks = [int(hashlib.sha256(f'expert_draws:{key}:{k}'.encode()).hexdigest(), 16)
-           % len(experts) for k in range(num_samples)]
+  picks = [int(splits.seeded_digest('expert_draws', seed, f'{image}:{k}'), 16) % len(experts)
+           for k in range(num_samples)]
   return experts[picks]
 
 
@@ -56,7 +58,7 @@ def per_image(results: list[tuple[Any, np.ndarray]], seed: int, split: str
   preds = {
       'model': [m for _, m in results],
       'one_expert': [one_expert(c.experts, n) for c, _ in results],
-      'expert_draws': [expert_draws(c.experts, n, f'{seed}:{split}:{c.case_id}')
+      'expert_draws': [expert_draws(c.experts, n, seed, f'{split}:{c.case_id}')
                        for c, _ in results],
   }
   return {ref: sampling.score([(c, p) for (c, _), p in zip(results, masks)])

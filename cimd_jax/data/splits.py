@@ -35,11 +35,17 @@ def natural_key(name: str) -> tuple:
   return parts, name
 
 
+def seeded_digest(salt: str, seed: int, item: str) -> str:
+  """The hex SHA-256 of f'{salt}:{seed}:{item}' (UTF-8): the one seeded hash of every
+  seeded choice (docs/data.md, "Seeded choices")."""
+  return hashlib.sha256(f'{salt}:{seed}:{item}'.encode()).hexdigest()
+
+
 def seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[int]:
-  """Indices into `ids` sorted by the hex SHA-256 of f'{salt}:{seed}:{id}' (UTF-8),
-  ties (equal ids) by index: a seeded permutation that depends only on the ids, the
-  seed and the salt, not on NumPy or the machine."""
-  digests = [hashlib.sha256(f'{salt}:{seed}:{i}'.encode()).hexdigest() for i in ids]
+  """Indices into `ids` sorted by seeded_digest(salt, seed, id), ties (equal ids) by
+  index: a seeded permutation that depends only on the ids, the seed and the salt,
+  not on NumPy or the machine."""
+  digests = [seeded_digest(salt, seed, i) for i in ids]
   return sorted(range(len(ids)), key=lambda k: (digests[k], k))
 
 
