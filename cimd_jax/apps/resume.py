@@ -58,11 +58,14 @@ def _check_training_changes(settings: settings_lib.Settings, stored: dict[str, A
   unusable = [k for k, old, new in changed if k == 'training.seed' or (
       k == 'training.grad_clip_norm' and (old > 0) != (new > 0))]
   if unusable:
+    why = {'training.seed': 'the seed is used only at step 0 (a resumed run continues the '
+                            'checkpoint\'s random stream)',
+           'training.grad_clip_norm': 'clipping switched on or off does not fit the saved '
+                                      'optimizer state'}
     raise ConfigError(
-        f'{workdir}: resuming at step {step} with {", ".join(unusable)} changed ({shown}): the '
-        'seed is used only at step 0 (a resumed run continues the checkpoint\'s random '
-        'stream) and clipping switched on or off does not fit the saved optimizer state; '
-        'resume with the stored values, or train in a new workdir')
+        f'{workdir}: resuming at step {step} with {", ".join(unusable)} changed ({shown}): '
+        f'{"; ".join(why[k] for k in unusable)}; resume with the stored values, or train in '
+        'a new workdir')
   logging.warning('Resuming %s at step %d with other settings than its checkpoint: %s; '
                   'steps up to %d used the old ones', workdir, step, shown, step)
 
