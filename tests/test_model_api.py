@@ -86,3 +86,19 @@ def test_a_non_finite_ensemble_with_the_unclipped_variance_names_the_clip(model,
     messages.append(str(e.value))
   assert 'clip_variance=True' in messages[0] and 'learning_rate' not in messages[0]
   assert 'learning_rate' in messages[1] and 'clip_variance' not in messages[1]
+
+
+def test_raw_hdf5_floats_are_warned_about_for_an_hdf5_trained_model(model, caplog):
+  """A model whose stored data source is a PHiSeg HDF5 file (floats stored in
+  data.hdf5_image_range, mapped to [-1, 1] for training) warns when given floats
+  inside that raw range; the same floats for a model trained on another source do
+  not."""
+  raw = np.random.default_rng(2).uniform(-0.5, 0.5, (1, 16, 16)).astype(np.float32)
+  config = dict(model.config, data=dict(model.config['data'], name='lidc_hdf5',
+                                        hdf5_image_range=(-0.5, 0.5)))
+  hdf5_model = model_lib.Model(model.params, 0, config)
+  with caplog.at_level('WARNING'):
+    model.sample(raw, num_samples=1, sampler='ddim', steps='ddim5')
+    assert not [r for r in caplog.records if 'inside the range' in r.getMessage()]
+    hdf5_model.sample(raw, num_samples=1, sampler='ddim', steps='ddim5')
+  assert [r for r in caplog.records if 'inside the range [-0.5, 0.5]' in r.getMessage()]
