@@ -510,6 +510,22 @@ def test_eval_process_slices_and_padding(syn):
   assert sorted(shared) == list(full['case_id'][:5])
 
 
+def test_eval_padding_repeats_a_real_example(syn):
+  """A process whose examples fill its batches exactly but that must pad a whole batch
+  more (5 examples, 2 processes, batch 2: process 1 has 2) pads with its examples as
+  they are (its last one, record 3), not transformed twice."""
+  args, workdir, _ = syn
+  _, full = _eval_all(args, workdir, 'test', batch_size=5, max_examples=5)
+  padded = list(pipeline.eval_batches(args, workdir, 'test', 2, 1, 2, max_examples=5,
+                                      pad=True))
+  assert [list(b['valid']) for b in padded] == [[True, True], [False, False]]
+  last = {k: v[3] for k, v in full.items()}   # process 1 has records 1 and 3
+  for row in range(2):
+    for key in ('image', 'masks'):
+      np.testing.assert_array_equal(padded[1][key][row], last[key])
+    assert padded[1]['case_id'][row] == last['case_id']
+
+
 def test_make_global_batch_shards_numeric_fields(syn):
   args, workdir, _ = syn
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ('data',))

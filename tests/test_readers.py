@@ -382,6 +382,21 @@ def test_pickle_bad_source_and_split_file(tmp_path):
                      [str(empty), 'no *.pickle file'])
 
 
+def test_pickle_files_under_other_names_are_named_not_dropped_silently(tmp_path, caplog):
+  """A folder of part0.pickle, part1.pkl and part2.PICKLE reads part0.pickle only
+  (the documented *.pickle rule) and one warning names the other two."""
+  table = _small_records()
+  root = _write_pickles(tmp_path / 'src', table, num_files=1)
+  for name in ('part1.pkl', 'part2.PICKLE'):
+    with open(os.path.join(root, name), 'wb') as f:
+      pickle.dump({}, f)
+  with caplog.at_level(logging.WARNING):
+    assert lidc_pickle.list_pickles(root) == [os.path.join(root, 'part0.pickle')]
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and '2 file(s) not named *.pickle' in warned[0]
+  assert 'part1.pkl' in warned[0] and 'part2.PICKLE' in warned[0]
+
+
 # --------------------------------------------------------------------------- PHiSeg HDF5
 
 
@@ -494,6 +509,8 @@ HDF5_BAD = {
     'no_train_group': (lambda g: g.pop('train'), ["no group 'train'"]),
     'group_is_a_dataset': (lambda g: g.update(val=np.zeros((3, 16, 16))),
                            ["key 'val'", 'not a group']),
+    'unknown_group': (lambda g: g.update(validation=g.pop('val')),
+                      ["top-level key(s) ['validation']", "expected only the groups"]),
     'wrong_size': (lambda g: g.update(test=(np.zeros((4, 20, 20)),
                                             np.zeros((4, 20, 20, 2), np.uint8))),
                    ["'test/images'", '20x20', 'expected 16x16']),
@@ -668,6 +685,26 @@ def test_nifti_records_equal_direct_computation(nifti_set):
     assert len(set(zs) - marked) == round(0.5 * (SHAPE[2] - len(marked)))
   train = {k: v for k, v in expected.items() if k.split('_')[0] in ('p1', 'p2', 'p3')}
   _check_train_batches(args, base, train, batch_size=4, num_batches=3)
+
+
+def test_nifti_sampling_every_slice_is_not_taken_for_other_cases(nifti_set, tmp_path,
+                                                                 caplog):
+  """Sampling a NIfTI model's split with data.nifti_empty_fraction=1 (docs/data.md:
+  every slice) builds other records of the same cases: no warning that the split may
+  hold training cases; a validation split carved differently still warns."""
+  args, base, _, _ = nifti_set
+  run = str(tmp_path / 'run')
+  os.makedirs(run)
+  provenance.record_training(args, run)
+  every = dataclasses.replace(args, nifti_empty_fraction=1.0)
+  assert pipeline.records_name(every, run) not in provenance.trained_on(run)
+  with caplog.at_level(logging.WARNING):
+    assert provenance.check_sampling(every, run, 'test')
+  assert not caplog.records
+  carved = dataclasses.replace(args, validation_fraction=0.5)
+  with caplog.at_level(logging.WARNING):
+    assert not provenance.check_sampling(carved, run, 'test')
+  assert len(caplog.records) == 1 and 'may hold cases' in caplog.records[0].getMessage()
 
 
 def test_nifti_empty_slices_are_seeded_and_axis_named():
@@ -1333,3 +1370,118 @@ def test_missing_validation_split_hint_names_what_decides_it(tmp_path):
   with pytest.raises(ConfigError, match=r'\(set data.validation_fraction > 0 for a '
                      r'validation split\)$'):
     pipeline.num_examples(synthetic, str(tmp_path), "validation")
+
+
+def test_inputs_follow_how_training_cases_held_their_channels(tmp_path):
+  """A two-channel folder model trained on cases of two image_* files (recorded in
+  data_records.json): an unlabelled case folder given as input_dir is one input (not
+  one replicated input per file), and a lone single-channel file is refused instead
+  of being replicated into both channels. A model trained on one file per case (here
+  LIDC pickle records, replicated) refuses a case of several files."""
+  rng = np.random.default_rng(8)
+  planes = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2)]
+  for sub, case in (('training', 'c0'), ('testing', 'c1')):
+    d = tmp_path / 'src' / sub / case
+    os.makedirs(d)
+    for k, plane in enumerate(planes):
+      Image.fromarray(plane).save(d / f'image_{k}.png')
+    for k in range(2):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / f'label{k}_.png')
+  s = helpers.settings(str(tmp_path / 'tfds'), data__name='folder',
+                       data__source_dir=str(tmp_path / 'src'), data__image_size=16,
+                       data__image_channels=2, data__num_annotators=2)
+  run = str(tmp_path / 'run')
+  os.makedirs(run)
+  assert provenance.image_files_per_case(run) is None
+  with open(os.path.join(run, provenance.FILE), 'w') as f:   # written before the count was
+    json.dump({'records': [pipeline.records_name(s.data, run)]}, f)
+  provenance.record_training(s.data, run)                      # resumed: the count is added
+  assert provenance.image_files_per_case(run) == 2
+  assert provenance.trained_on(run) == [pipeline.records_name(s.data, run)]
+  case = tmp_path / 'inputs' / 'x'
+  os.makedirs(case)
+  for k, plane in enumerate(planes):
+    Image.fromarray(plane).save(case / f'image_{k}.png')
+  one = dataclasses.replace(s, sampling=dataclasses.replace(s.sampling, input_dir=str(case)))
+  read = sample_inputs.folder_inputs(one, 'folder', provenance.image_files_per_case(run))
+  assert [c.case_id for c in read.cases] == ['x']
+  np.testing.assert_allclose(read.cases[0].image, np.stack(planes, -1) / 127.5 - 1,
+                             atol=1e-6)
+  assert len(sample_inputs.folder_inputs(one, 'folder').cases) == 2   # not recorded: as before
+  Image.fromarray(planes[0]).save(tmp_path / 'inputs' / 'lone.png')
+  several = dataclasses.replace(s, sampling=dataclasses.replace(
+      s.sampling, input_dir=str(tmp_path / 'inputs')))
+  with pytest.raises(sample_inputs.InputError,
+                     match=r"lone\.png: one 1-channel image; the model was trained on cases "
+                           r"of 2 image_\* files"):
+    sample_inputs.folder_inputs(several, 'folder', 2)
+  with pytest.raises(sample_inputs.InputError,
+                     match=r"inputs/x: 2 image files \(image_0\.png, image_1\.png\); the "
+                           r"model was trained on one image file per case"):
+    sample_inputs.folder_inputs(several, 'lidc_pickle')
+
+
+def test_case_copied_into_both_splits_is_refused(tmp_path):
+  """training/c0 and testing/c0 holding the same image bytes (a copy: the model would
+  be scored on an image it trained on) is refused naming both; the same name with
+  another image (splits numbered separately) is two cases, even where only one of
+  its channel files differs and the files have equal sizes and times."""
+  rng = np.random.default_rng(4)
+  planes = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2)]
+  for sub in ('training', 'testing'):
+    d = tmp_path / 'src' / sub / 'c0'
+    os.makedirs(d)
+    for k, plane in enumerate(planes):
+      Image.fromarray(plane).save(d / f'image_{k}.png', compress_level=0)
+    for k in range(2):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / f'label{k}_.png')
+  tfds_dir = str(tmp_path / 'tfds')
+  args = DataArgs(name='folder', source_dir=str(tmp_path / 'src'), tfds_dir=tfds_dir,
+                  image_size=16, image_channels=2, num_annotators=2)
+  _raises_data_error(args, tfds_dir, tmp_path, [
+      'testing/c0', 'training/c0', 'holds the same image file(s)',
+      'expected each case in one split'])
+  changed = tmp_path / 'src' / 'testing' / 'c0' / 'image_1.png'
+  Image.fromarray(255 - planes[1]).save(changed, compress_level=0)
+  same = tmp_path / 'src' / 'training' / 'c0' / 'image_1.png'
+  assert os.path.getsize(changed) == os.path.getsize(same)
+  os.utime(changed, ns=(os.stat(same).st_atime_ns, os.stat(same).st_mtime_ns))
+  pipeline.prepare(args, str(tmp_path))
+  assert [c.case_id for c in folder.scan_source(args)['test']] == ['c0']
+
+
+def test_empty_slices_are_refused_even_with_resize(tmp_path):
+  """With data.resize=True any slice size is accepted, but a slice with no rows or
+  columns would become an all-black record with empty masks: both readers refuse it,
+  naming the file and key."""
+  table = _small_records()
+  _edit('p2_s1', image=np.zeros((0, 16)), masks=[np.zeros((0, 16))] * 2)(table)
+  root = _write_pickles(tmp_path / 'pickles', table, num_files=1)
+  tfds_dir = str(tmp_path / 'tfds_pickle')
+  args = DataArgs(name='lidc_pickle', source_dir=root, tfds_dir=tfds_dir, image_size=16,
+                  num_annotators=2, resize=True)
+  _raises_data_error(args, tfds_dir, tmp_path, [
+      os.path.join(root, 'part0.pickle'), "'p2_s1'", "'image'", '(0, 16)', 'H, W > 0'])
+  groups = _small_groups()
+  groups['test'] = (np.zeros((4, 16, 0)), np.zeros((4, 16, 0, 2), np.uint8))
+  os.makedirs(tmp_path / 'h5')
+  path = _write_hdf5(tmp_path / 'h5' / 'data_lidc.hdf5', groups)
+  tfds_dir = str(tmp_path / 'tfds_h5')
+  args = DataArgs(name='lidc_hdf5', source_dir=path, tfds_dir=tfds_dir, image_size=16,
+                  num_annotators=2, resize=True)
+  _raises_data_error(args, tfds_dir, tmp_path, [path, "'test/images'", '(4, 16, 0)',
+                                                'expected N, H, W > 0'])
+
+
+def test_input_subfolder_without_images_is_named(tmp_path, caplog):
+  """A sub-folder of input_dir with no image_* file (slice1.png) is not an input: one
+  warning names it instead of dropping it silently."""
+  inputs = tmp_path / 'inputs'
+  (inputs / 'patientX').mkdir(parents=True)
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / 'patientX' / 'slice1.png')
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / 'a.png')
+  with caplog.at_level(logging.WARNING):
+    cases = image_folder.list_input_images(str(inputs))
+  assert [c.case_id for c in cases] == ['a']
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and 'patientX' in warned[0] and 'without image_*' in warned[0]

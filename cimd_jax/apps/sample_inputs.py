@@ -70,20 +70,26 @@ FIXED_SCALE_SOURCES = {
 }
 
 
-def folder_inputs(settings: settings_lib.Settings, trained_on: str = '') -> Inputs:
+def folder_inputs(settings: settings_lib.Settings, trained_on: str = '',
+                  case_files: int | None = None) -> Inputs:
   """The inputs of sampling.input_dir (its first sampling.max_images usable images, as
-  for NIfTI scans) for a model trained on data source `trained_on`; without
+  for NIfTI scans) for a model trained on data source `trained_on` whose training cases
+  had `case_files` image files each (None: not recorded); without
   sampling.skip_bad_inputs the first bad input raises InputError naming the file."""
   if settings.data.name == 'nifti':
     return _nifti_inputs(settings)
   data, sampling = settings.data, settings.sampling
   cases, skipped = [], []
-  for found_case in image_folder.list_input_images(sampling.input_dir):
+  if trained_on in FIXED_SCALE_SOURCES:
+    case_files = 1   # one grey image per record, replicated to the channels
+  found = image_folder.list_input_images(sampling.input_dir, case_files or 1)
+  for found_case in found:
     if 0 < sampling.max_images <= len(cases):
       break
     try:
       if trained_on in FIXED_SCALE_SOURCES:
         image_folder.check_8bit(found_case, FIXED_SCALE_SOURCES[trained_on])
+      image_folder.check_channel_files(found_case, data.image_channels, case_files)
       img = image_folder.read_input_image(found_case, data)
     except image_folder.BadInputImage as e:
       if not sampling.skip_bad_inputs:

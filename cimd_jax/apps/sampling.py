@@ -20,6 +20,7 @@ import tqdm
 from cimd_jax.apps import sample_inputs
 from cimd_jax.apps.sample_inputs import Case
 from cimd_jax.data import nifti
+from cimd_jax.data import provenance
 from cimd_jax.evaluation import calibration
 from cimd_jax.evaluation import metrics
 from cimd_jax.evaluation import reports
@@ -41,6 +42,7 @@ class Prepared:
   step: int
   draw: ensemble.EnsembleFn
   trained_on: str = ''   # the checkpoint's data.name
+  image_files_per_case: int | None = None   # of its training cases (provenance)
 
 
 def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) -> Prepared:
@@ -56,7 +58,8 @@ def prepare(settings: settings_lib.Settings, workdir: str, overrides: set[str]) 
   draw = ensemble.make_ensemble_fn(settings.model, settings.data.image_size,
                                    settings.diffusion, settings.sampling)
   return Prepared(settings, restored.params, restored.step, draw,
-                  ((stored or {}).get('data') or {}).get('name', ''))
+                  ((stored or {}).get('data') or {}).get('name', ''),
+                  provenance.image_files_per_case(workdir))
 
 
 def draw_cases(cases: list[Case], prepared: Prepared, desc: str
@@ -129,7 +132,8 @@ def run_sample(settings: settings_lib.Settings, workdir: str, overrides: set[str
   s = prepared.settings
   if s.sampling.input_dir:
     source = os.path.abspath(os.path.expanduser(s.sampling.input_dir))
-    inputs = sample_inputs.folder_inputs(s, prepared.trained_on)
+    inputs = sample_inputs.folder_inputs(s, prepared.trained_on,
+                                          prepared.image_files_per_case)
     name = os.path.basename(os.path.normpath(s.sampling.input_dir))
   else:
     source = f'split:{s.sampling.split}'

@@ -18,12 +18,18 @@ add JPEG ringing as foreground). Images wider than 8 bits (16-bit PNG/TIFF, floa
 TIFF) are mapped to 8 bits per image by the percentile rule of `intensity`; 8-bit
 images are kept byte for byte.
 
+A case folder name in both training/ and testing/ is refused when the two hold the
+same image bytes (one case copied into both splits: the model would be scored on
+images it trained on); same names with other images (splits numbered separately)
+are read as two cases.
+
 Everything is validated before anything is written: bad input raises `DataError` (a
 ValueError; `SourceNotFoundError` is also a FileNotFoundError) naming the case folder
 and the file and saying what was expected.
 """
 
 import dataclasses
+import filecmp
 import os
 import re
 from typing import Any, Iterator
@@ -177,6 +183,21 @@ def check_image_file_counts(splits: dict[str, list[CaseFiles]], channels: int) -
         f'{len(several)} case(s) such as {several[0].folder} have '
         f'{len(several[0].images)}; expected data.image_channels={channels} image files '
         f'in every case ({len(single)} case(s) have one)')
+
+
+def check_split_copies(splits: dict[str, list[CaseFiles]]) -> None:
+  """DataError naming a case whose folder in testing/ holds the same image files, byte
+  for byte, as the training case of the same name."""
+  tested = {c.case_id: c for c in splits[TEST]}
+  for case in splits[TRAIN]:
+    other = tested.get(case.case_id)
+    if other is None or other.images != case.images:
+      continue
+    if all(filecmp.cmp(os.path.join(case.folder, n), os.path.join(other.folder, n),
+                       shallow=False) for n in case.images):
+      raise DataError(f'{_where(other.folder)}: holds the same image file(s) as '
+                      f'{_where(case.folder)}; expected each case in one split (a copy '
+                      'would be scored on an image the model trained on)')
 
 
 def scan_source(args: DataArgs) -> dict[str, list[CaseFiles]]:
@@ -420,8 +441,10 @@ def make_builder(args: DataArgs, tfds_dir: str) -> CimdFolder:
 
 
 def validate(builder: CimdFolder) -> None:
-  """Reads every case of every split; raises DataError on the first bad one."""
+  """Reads every case of every split; raises DataError on the first bad one, then on a
+  case copied into both splits."""
   args, splits = builder.builder_config.payload
   for cases in splits.values():
     for case in cases:
       read_case(case, args)
+  check_split_copies(splits)

@@ -4,7 +4,9 @@ Accepted layouts: image files directly in DIR (.png, .jpg, .jpeg, .bmp, .tif, .t
 and/or case folders DIR/<case>/ holding `image_*` files as in the CIMD layout (several
 stack as channels). Label files (`label<i>_*`, the experts' masks) are never inputs;
 when DIR holds them it is itself a case folder, and its `image_*` files are one input
-named after DIR (channels stacked, as training read it). Every input is read
+named after DIR (channels stacked, as training read it); so are they, without label
+files, for a model trained on cases of several image files (`case_files`), where a
+lone single-channel file cannot be an input. Every input is read
 by the training reader (`folder.read_image` with the run's DataArgs): the same channel
 rules, the same percentile rule for images wider than 8 bits (`check_8bit` refuses
 them for models trained on fixed-scale records), the same size checks.
@@ -54,8 +56,10 @@ class InputCase:
             else self.folder)
 
 
-def list_input_images(input_dir: str) -> list[InputCase]:
-  """Every input of `input_dir` with a distinct case id, sorted by case id."""
+def list_input_images(input_dir: str, case_files: int = 1) -> list[InputCase]:
+  """Every input of `input_dir` with a distinct case id, sorted by case id;
+  `case_files` > 1: the model's training cases had that many image files (one per
+  channel), and a DIR without case folders holding that many image_* files is one."""
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f'sampling.input_dir {input_dir!r} does not exist or is not '
                             'a folder')
@@ -75,8 +79,12 @@ def list_input_images(input_dir: str) -> list[InputCase]:
                 and os.path.isfile(os.path.join(path, f))]
       if images:
         folders.append(InputCase(name, path, tuple(images)))
+      else:
+        logging.warning('sampling.input_dir: %s skipped: a folder without image_* files',
+                        path)
   own = [n for n in files if folder.file_type(n) == 'image']
-  if labels and own:   # DIR is a case folder: its image_* files are one case's channels
+  as_case = labels or (case_files > 1 and not folders and len(own) == case_files)
+  if as_case and own:   # DIR is a case folder: its image_* files are one case's channels
     files = [n for n in files if n not in own]
     folders.append(InputCase(os.path.basename(os.path.normpath(input_dir)), input_dir,
                              tuple(own)))
@@ -112,6 +120,30 @@ def check_8bit(case: InputCase, trained_on: str) -> None:
           f'{path}: a {mode!r} image (wider than 8 bits); the model was trained on '
           f'{trained_on}, which the percentile rule for wide inputs does not reproduce; '
           'expected an 8-bit image scaled by that rule (docs/data.md)')
+
+
+def check_channel_files(case: InputCase, channels: int, case_files: int | None) -> None:
+  """BadInputImage unless `case` has its channels as the model's training cases had
+  them: `case_files` image files each (1: one file, replicated or C-channel; C: one
+  single-channel file per channel, or one C-channel file). None: not recorded."""
+  if case_files is None or channels == 1:
+    return
+  if case_files == 1 and len(case.images) > 1:
+    raise BadInputImage(
+        f'{case.folder}: {len(case.images)} image files ({", ".join(case.images)}); the '
+        f'model was trained on one image file per case; expected one image file')
+  if case_files > 1 and len(case.images) == 1:
+    path = os.path.join(case.folder, case.images[0])
+    try:
+      with Image.open(path) as img:
+        bands = len(img.getbands())
+    except OSError:
+      return   # left to read_input_image
+    if bands != channels:
+      raise BadInputImage(
+          f'{path}: one {bands}-channel image; the model was trained on cases of '
+          f'{case_files} image_* files (one per channel); expected a case folder holding '
+          f'{case_files} image_* files, or one {channels}-channel image')
 
 
 def read_input_image(case: InputCase, args: DataArgs) -> InputImage:

@@ -11,8 +11,9 @@ data/lidc_data_loader.py, `prepare_data`), one file with a group per split:
 
 `data.source_dir` is the .hdf5/.h5 file or a folder holding exactly one. Groups map
 to splits 'train' <- train, 'validation' <- val, 'test' <- test ('train' is
-required; a missing val or test group means no such split); the file's own split
-is used as is (data.validation_fraction / test_fraction are ignored). Records:
+required; a missing val or test group means no such split; any other top-level key,
+e.g. 'validation', is refused rather than dropped); the file's own split is used as
+is (data.validation_fraction / test_fraction are ignored). Records:
 
   image    uint8 [H, W, C]  float images: rint((clip(x, lo, hi) - lo) / (hi - lo) * 255)
                             with (lo, hi) = data.hdf5_image_range (default (-0.5, 0.5));
@@ -20,10 +21,9 @@ is used as is (data.validation_fraction / test_fraction are ignored). Records:
   masks    uint8 [A, H, W]  label value > 0.5 is foreground
   case_id  '<group>_<index:05d>', e.g. 'val_00012' (the row in the file's group)
 
-The file is read lazily, `READ_ROWS` slices at a time (never whole). Every value is
-checked before anything is written (a first pass over the file); a bad one raises
-`DataError` naming the file, the dataset key (e.g. 'val/labels'), the row and what
-was expected; so does a file whose float images never reach the range's lower half.
+Read lazily, `READ_ROWS` slices at a time. Every value is checked before anything is
+written (a first pass); a bad one, or float images that never reach the range's lower
+half, raises `DataError` naming the file, key (e.g. 'val/labels'), row and expectation.
 """
 
 import dataclasses
@@ -87,6 +87,9 @@ def scan(path: str, args: DataArgs) -> list[Group]:
     if 'train' not in f:
       raise DataError(f"file {path}: has no group 'train' (has {sorted(f.keys())}); "
                       "expected groups 'train', 'val', 'test' (PHiSeg layout)")
+    if other := sorted(set(f.keys()) - set(GROUPS)):
+      raise DataError(f"file {path}: has top-level key(s) {other}; expected only the "
+                      "groups 'train', 'val', 'test' (PHiSeg layout)")
     for group, split in ((k, v) for k, v in GROUPS.items() if k in f):
       g = f[group]
       if not isinstance(g, h5py.Group):
@@ -116,8 +119,9 @@ def scan(path: str, args: DataArgs) -> list[Group]:
                         f'{labels.shape}); expected {args.num_annotators} '
                         '(data.num_annotators)')
       n, h, w = images.shape
-      if n == 0:
-        raise DataError(f"file {path}, key '{group}/images': has no rows; expected N > 0")
+      if not (n and h and w):
+        raise DataError(f"file {path}, key '{group}/images': has shape {images.shape}; "
+                        'expected N, H, W > 0')
       if (h, w) != (args.image_size, args.image_size) and not args.resize:
         raise DataError(f"file {path}, key '{group}/images': slices are {h}x{w}, "
                         f'expected {args.image_size}x{args.image_size} (data.image_size;'
@@ -187,18 +191,11 @@ def read_rows(path: str, group: Group, args: DataArgs
 def builder_params(args: DataArgs, path: str) -> dict[str, Any]:
   """Every parameter that changes the records (hashed into the config name)."""
   stat = os.stat(path)
-  return {
-      'kind': 'cimd_lidc_hdf5',
-      'file': os.path.realpath(path),
-      'size': stat.st_size,
-      'mtime_ns': stat.st_mtime_ns,
-      'image_size': args.image_size,
-      'image_channels': args.image_channels,
-      'num_annotators': args.num_annotators,
-      'resize': args.resize,
-      'hdf5_image_range': list(args.hdf5_image_range),
-      'format': records.VERSION,
-  }
+  return {'kind': 'cimd_lidc_hdf5', 'file': os.path.realpath(path), 'size': stat.st_size,
+          'mtime_ns': stat.st_mtime_ns, 'image_size': args.image_size,
+          'image_channels': args.image_channels, 'num_annotators': args.num_annotators,
+          'resize': args.resize, 'hdf5_image_range': list(args.hdf5_image_range),
+          'format': records.VERSION}
 
 
 class CimdLidcHdf5(records.CimdBuilder, skip_registration=True):

@@ -30,6 +30,7 @@ import os
 import pickle
 from typing import Any, BinaryIO, Iterator
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -83,8 +84,12 @@ def list_pickles(source_dir: str) -> list[str]:
   if not os.path.isdir(root):
     raise SourceNotFoundError(f'data.source_dir {source_dir!r} ({root}) does not exist '
                               'or is not a folder; expected a folder of *.pickle files')
-  files = sorted(n for n in os.listdir(root)
-                 if n.endswith('.pickle') and os.path.isfile(os.path.join(root, n)))
+  names = sorted(n for n in os.listdir(root)
+                 if not n.startswith('.') and os.path.isfile(os.path.join(root, n)))
+  files = [n for n in names if n.endswith('.pickle')]
+  if skipped := [n for n in names if n not in files]:   # e.g. part1.pkl: said, not silent
+    logging.warning('data.source_dir %s: %d file(s) not named *.pickle are not read (%s)',
+                    root, len(skipped), ', '.join(skipped[:5]) + ' ...' * (len(skipped) > 5))
   if not files:
     raise DataError(f'data.source_dir {root} holds no *.pickle file; expected LIDC '
                     'pickles (dict key -> image, masks, series_uid)')
@@ -129,9 +134,9 @@ def check_record(value: Any, path: str, key: Any, args: DataArgs) -> str:
     raise DataError(f"{where}, key 'series_uid': is {uid!r}; expected a non-empty "
                     'string (the patient series)')
   image = _numeric(value['image'], f"{where}, key 'image'", 'the image')
-  if image.ndim != 2:
+  if image.ndim != 2 or not image.size:
     raise DataError(f"{where}, key 'image': has shape {image.shape}; expected a 2-D "
-                    'array [H, W]')
+                    'array [H, W] with H, W > 0')
   if problem := _range_problem(image):
     raise DataError(f"{where}, key 'image': {problem}; expected floats in [0, 1]")
   if image.shape != (args.image_size, args.image_size) and not args.resize:

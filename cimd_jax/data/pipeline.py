@@ -252,7 +252,7 @@ def eval_batches(args: DataArgs, workdir: str, split: str, batch_size: int,
   num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
   if pad:
     done = mine // batch_size
-    template = pending[-1] if pending else (_eval_example(ds[0]) if mine else None)
+    template = pending[-1] if pending else (ds[mine - 1] if mine else None)   # mapped
     if template is None and num_batches > done:
       raise ValueError(f'process {process_index} has no examples of split {split!r} to '
                        'pad with')
