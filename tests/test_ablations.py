@@ -28,7 +28,7 @@ def _fake_result(ci, all_foreground=True):
   return {'metrics': metrics,
           'calibration': {'mae_ambiguous': 0.09, 'mae_ambiguous_sem': 0.008,
                           'max_freq_never_drawn': 0.0},
-          'num_images': 64, 'num_samples': 16}
+          'num_images': 64, 'num_samples': 16, 'format': reports.METRICS_FORMAT}
 
 
 def _save_step(run_dir, step):
@@ -105,6 +105,15 @@ def test_an_evaluation_is_reused_only_for_the_same_request(tmp_path, monkeypatch
   ablations.run(helpers.settings(sampling__num_samples=8, sampling__seed=7), str(tmp_path),
                 lambda s, d: _save_step(d, 4), **one)     # training went on to step 4
   assert len(evaluated) == 4
+  # A metrics.json of an older scorer (standard errors with ddof = 0, no
+  # all-foreground fraction) is scored again, not shown beside new rows.
+  path = tmp_path / 'off-x0' / 'eval' / 'ddim25' / 'metrics.json'
+  old = json.loads(path.read_text())
+  del old['format']
+  path.write_text(json.dumps(old))
+  ablations.run(helpers.settings(sampling__num_samples=8, sampling__seed=7), str(tmp_path),
+                lambda s, d: _save_step(d, 4), **one)
+  assert len(evaluated) == 5
 
 
 def test_selection_trains_and_evaluates_only_the_rows_named(tmp_path, monkeypatch):
@@ -142,6 +151,13 @@ def test_a_stopped_training_ends_the_ablations_without_evaluating(tmp_path, monk
   result = ablations.run(helpers.settings(), str(tmp_path), stopped_train,
                          runs=('trained-x0', 'off-x0'), samplers=('ddim25',))
   assert result is None and trained == ['trained-x0'] and not evaluated
+  assert not os.path.exists(tmp_path / 'ablations.md')
+  # A table of an earlier, finished run is removed, not left to pass for this one.
+  ablations.run(helpers.settings(), str(tmp_path), lambda s, d: _save_step(d, 2),
+                runs=('off-x0',), samplers=('ddim25',))
+  assert os.path.exists(tmp_path / 'ablations.md')
+  assert ablations.run(helpers.settings(), str(tmp_path), stopped_train,
+                       runs=('trained-x0',), samplers=('ddim25',)) is None
   assert not os.path.exists(tmp_path / 'ablations.md')
 
 

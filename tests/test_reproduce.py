@@ -15,7 +15,9 @@ import pytest
 from cimd_jax.apps import modes
 from cimd_jax.apps import published
 from cimd_jax.apps import reproduce
+from cimd_jax.apps import sampling
 from cimd_jax.apps import sanity
+from cimd_jax.evaluation import reports
 from tests import helpers
 from tests import metrics_reference
 
@@ -106,6 +108,10 @@ def test_reproduce_table_has_every_n_and_says_what_is_published(trained):
     ged = report['scores'][str(n)]['ged']
     assert f'| cimd_jax (this run) | {n} | {ged["mean"]:.3f} ± {ged["sem"]:.3f} |' in table
   assert ('none transcribed' in table) == (not published.LIDC)
+  # The sampler as configured (was 'ddim ddim25 steps'): sampler and sampling.steps.
+  assert f"{report['sampler']}, sampling.steps='{report['steps']}'" in table
+  with open(os.path.join(report['masks'], 'metrics.json')) as f:   # what ablations reuse reads
+    assert json.load(f)['format'] == reports.METRICS_FORMAT
   rows = (published.Row('Method X', 16, {'ged': 0.25, 'hm_iou': 0.5}, 'Paper, Table 1'),)
   text = reproduce.markdown({16: report['scores']['16']}, 3, 'test', 'desc', rows)
   assert '| Method X | 16 | 0.250 | 0.500 | — | — | — | — | Paper, Table 1 |' in text
@@ -204,3 +210,30 @@ def test_demo_mode_reports_and_a_stopped_demo_evaluates_nothing(tmp_path):
   assert report['model'] == evaluated['metrics']
   with open(workdir / 'report' / 'metrics.json') as f:
     assert json.load(f)['num_images'] == evaluated['num_images'] == s.data.synthetic_num_test
+
+
+def test_the_table_reads_the_published_rows_at_the_call(monkeypatch):
+  """The markdown table and the JSON report list the same published rows: the table's
+  default was bound when the module was imported, so rows set later (a user adding a
+  transcription) reached the JSON only."""
+  row = published.Row('Method X', 16, {'ged': 0.25}, 'Paper, Table 1')
+  monkeypatch.setattr(published, 'LIDC', (row,))
+  stats = {k: {'mean': 0.5, 'sem': 0.01} for k, _ in reproduce.COLUMNS}
+  table = reproduce.markdown({16: stats}, 3, 'test', 'desc')
+  assert '| Method X | 16 |' in table and 'Paper, Table 1' in table
+
+
+def test_a_report_run_that_fails_leaves_no_earlier_report(tmp_path, monkeypatch):
+  """sanity and reproduce remove their earlier report when they start: a run that
+  fails half-way (here: sampling raises) left the earlier report/<name>.md beside the
+  new masks, looking like this run's."""
+  def failing(*args, **kwargs):
+    raise RuntimeError('sampling failed')
+  monkeypatch.setattr(sampling, 'evaluate_cases', failing)
+  s = helpers.settings()
+  for name, module in (('sanity', sanity), ('reproduce', reproduce)):
+    reports.write_report(str(tmp_path), name, 'an earlier table', {'earlier': True})
+    with pytest.raises(RuntimeError, match='sampling failed'):
+      module.run(s, str(tmp_path), set())
+    for ext in ('md', 'json'):
+      assert not os.path.exists(tmp_path / 'report' / f'{name}.{ext}'), (name, ext)

@@ -1,21 +1,20 @@
 """--mode=ablations: ambiguity mode x prediction x sampler on one config's data, as a
 measured table (docs/ablations.md is this table for configs/synthetic.py).
 
-For every ambiguity mode (models.build.AMBIGUITY_MODES) and prediction ('eps', 'x0'),
-a model is trained in WORKDIR/<mode>-<prediction>/ (resuming when present) with the
-config otherwise unchanged; each is evaluated with every sampler of SAMPLERS on
-`sampling.split` (its first `sampling.max_images` images, N = `sampling.num_samples`,
-`sampling.seed` fixed) into WORKDIR/<mode>-<prediction>/eval/<sampler>/. Finished
-evaluations are reused when they were made with the requested sampling (REUSE_KEYS)
-of the checkpoint now there, so an interrupted run continues where it stopped; a
-finished training asked for other training settings is refused
-(resume.resume_settings). The full-T DDPM row is named by the model's T. The table
-(WORKDIR/ablations.md, printed too) gives, per row, calibration MAE on the ambiguous
+Per ambiguity mode (models.build.AMBIGUITY_MODES) and prediction ('eps', 'x0') a model
+is trained in WORKDIR/<mode>-<prediction>/ (resumed when present), the config otherwise
+unchanged, and evaluated with every sampler of SAMPLERS on `sampling.split` (its first
+`sampling.max_images` images, N = `sampling.num_samples`, `sampling.seed` fixed) into
+WORKDIR/<mode>-<prediction>/eval/<sampler>/. A finished evaluation is reused when made
+with the requested sampling (REUSE_KEYS) of the checkpoint now there by the current
+scorer (reports.METRICS_FORMAT), so an interrupted run continues where it stopped; a
+finished training asked for other training settings is refused. The full-T DDPM row
+is named by the model's T. The table (WORKDIR/ablations.md, written whole at the end,
+an earlier one removed at the start; printed too): calibration MAE on the ambiguous
 structures, the largest sampled frequency of a structure no expert draws, the
-fraction of samples that are foreground at every pixel, GED, CI, D_a and HM-IoU, each
-mean +- standard error, and the commands that reproduce the row.
-`runs` and `samplers` (main.py's --ablation_runs / --ablation_samplers) restrict the
-table to some of its models ('off-x0') and samplers ('ddim25'), in the table's order.
+all-foreground fraction, GED, CI, D_a, HM-IoU (mean +- standard error) and the
+commands of each row. `runs` and `samplers` (--ablation_runs / --ablation_samplers)
+restrict it to some models ('off-x0') and samplers ('ddim25'), in the table's order.
 """
 
 import dataclasses
@@ -31,6 +30,7 @@ from cimd_jax import settings as settings_lib
 from cimd_jax.apps import sampling
 from cimd_jax.evaluation import reports
 from cimd_jax.models.build import AMBIGUITY_MODES
+from cimd_jax.utils import atomic
 from cimd_jax.utils.errors import ConfigError
 
 PREDICTIONS = ('eps', 'x0')
@@ -97,6 +97,8 @@ def _done(out_dir: str, requested: settings_lib.Settings, step: int
   differs = [k for k in REUSE_KEYS if done.get(k) != want[k]]
   if manifest.get('checkpoint_step') != step:
     differs.append(f'checkpoint step ({manifest.get("checkpoint_step")} vs {step})')
+  if result.get('format') != reports.METRICS_FORMAT:
+    differs.append('the scorer (an older metrics.json format)')
   if differs:
     logging.info('Ablations: %s is evaluated again (%s differ from the request)', out_dir,
                  ', '.join(differs))
@@ -137,6 +139,8 @@ def run(settings: settings_lib.Settings, workdir: str,
   (a stop request ended the training early) nothing more is trained or evaluated,
   no table is written, and None is returned: the same command resumes."""
   check_selection(runs, samplers)
+  if os.path.exists(table_path := os.path.join(workdir, 'ablations.md')):
+    os.remove(table_path)   # an earlier run's table must not pass for this one's
   rows = []
   for ambiguity in AMBIGUITY_MODES:
     for prediction in PREDICTIONS:
@@ -166,8 +170,7 @@ def run(settings: settings_lib.Settings, workdir: str,
                      'command': commands(config_file, workdir, ambiguity, prediction, kind,
                                          steps, extra_flags)})
   table = markdown(rows)
-  with open(os.path.join(workdir, 'ablations.md'), 'w') as f:
-    f.write(table + '\n')
+  atomic.write_text(table_path, table + '\n')
   print(table, flush=True)
   return table
 
@@ -217,9 +220,7 @@ def paired_against_off(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _cell(mean: float, sem: float) -> str:
-  if mean != mean:
-    return '—'
-  return f'{mean:.3f}' if sem != sem else f'{mean:.3f} ± {sem:.3f}'
+  return '—' if mean != mean else f'{mean:.3f}' + ('' if sem != sem else f' ± {sem:.3f}')
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -233,9 +234,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines.append(f'| {i} | {r["ambiguity"]} | {r["prediction"]} | {r["sampler"]} | '
                  + ' | '.join(_cell(*v[c]) for c in COLUMNS) + ' |')
   n = {(r['num_images'], r['num_samples']) for r in rows}
-  lines.append('')
-  lines.append('Images and samples per image: ' + ', '.join(f'{i} images, N = {s}'
-                                                            for i, s in sorted(n)) + '.')
+  lines += ['', 'Images and samples per image: ' + ', '.join(f'{i} images, N = {s}'
+                                                           for i, s in sorted(n)) + '.']
   paired = paired_against_off(rows)
   if paired:
     lines += ['', 'Paired differences against `off` (per image, same images and seed; '
@@ -245,6 +245,5 @@ def markdown(rows: list[dict[str, Any]]) -> str:
   if paired:
     lines += ['', 'Paired differences against `trained` (per image, same images and '
               'seed; mean ± standard error):', ''] + paired
-  lines.append('')
-  lines += [f'{i}. {r["command"]}' for i, r in enumerate(rows, 1)]
+  lines += [''] + [f'{i}. {r["command"]}' for i, r in enumerate(rows, 1)]
   return '\n'.join(lines)

@@ -12,7 +12,10 @@ id, table). The rows to transcribe are the LIDC tables of
 number that was not read from its table must not stand here. Add rows as
 Row('CCDM', 16, {'ged': ..., 'hm_iou': ...}, 'Zbinden et al. 2023, Table N, LIDC v1')
 with the metric keys of cimd_jax.apps.reproduce.COLUMNS; a metric a paper does not
-report is left out and shown as '—'.
+report is left out and shown as '—'. 'ged' is the squared form D²_GED with
+d = 1 − IoU, d = 0 for two empty masks (docs/metrics.md), the form the Probabilistic
+U-Net paper names D²_GED; check which form each table uses: a plain D_GED (its
+square root) or another empty-mask convention must be converted or left out.
 """
 
 import dataclasses

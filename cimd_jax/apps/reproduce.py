@@ -47,9 +47,10 @@ def _cell(stats: dict[str, float] | float | None) -> str:
 
 
 def markdown(scores: dict[int, dict[str, dict[str, float]]], num_images: int, split: str,
-             description: str, rows: tuple[published.Row, ...] = published.LIDC) -> str:
-  """The table: this run at each N, then the published rows (or a line saying none
-  are transcribed)."""
+             description: str, rows: tuple[published.Row, ...] | None = None) -> str:
+  """The table: this run at each N, then the published rows (`rows`, default
+  published.LIDC as it is at the call; or a line saying none are transcribed)."""
+  rows = published.LIDC if rows is None else rows
   head = '| method | N | ' + ' | '.join(name for _, name in COLUMNS) + ' | source |'
   lines = [head, '|' + '---|' * (len(COLUMNS) + 3)]
   for n, stats in sorted(scores.items()):
@@ -77,6 +78,7 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
         ) -> dict[str, Any]:
   """Evaluates the trained model with N = max(SAMPLE_COUNTS) and writes the table;
   returns the reproduce.json content."""
+  reports.remove_report(workdir, 'reproduce')
   n_max = max(SAMPLE_COUNTS)
   split = settings.sampling.split
   run_settings = dataclasses.replace(settings, sampling=dataclasses.replace(
@@ -86,8 +88,9 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
   results, result, out_dir = sampling.evaluate_cases(run_settings, workdir, overrides)
   logging.info('Reproduce 2/2: scoring the first %s masks', SAMPLE_COUNTS)
   scores = score_subsets(results, SAMPLE_COUNTS)
-  description = (f'step {result["checkpoint_step"]}, {result["sampler"]} '
-                 f'{result["steps"]} steps, {result["prediction"]} prediction')
+  description = (f'step {result["checkpoint_step"]}, '
+                 f'{reports.sampler_text(result["sampler"], result["steps"])}, '
+                 f'{result["prediction"]} prediction')
   table = markdown(scores, len(results), split, description)
   report = {'split': split, 'num_images': len(results), 'masks': out_dir,
             **{k: result[k] for k in ('checkpoint_step', 'sampler', 'steps', 'prediction',

@@ -200,7 +200,8 @@ def evaluate_cases(settings: settings_lib.Settings, workdir: str, overrides: set
                                 [c.case_id for c in cases], folders, per_image, tuple(per_image))
     info = {k: manifest[k] for k in ('checkpoint_step', 'sampler', 'steps', 'num_samples',
                                      'seed', 'use_ema', 'num_images', 'prediction')}
-    result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info}
+    result = {'metrics': reports.summarize(per_image), 'split': s.sampling.split, **info,
+              'format': reports.METRICS_FORMAT}
     frequencies = None
     if all('structures' in (c.extras or {}) for c in cases):   # known truth (synthetic)
       result['calibration'], *frequencies = calibration.over_cases(

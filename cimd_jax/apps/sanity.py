@@ -117,6 +117,7 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
         ) -> dict[str, Any]:
   """Evaluates SPLITS with the trained model and writes the report; returns
   sanity.json's content."""
+  reports.remove_report(workdir, 'sanity')
   splits, report, description = {}, {}, ''
   for split in SPLITS:
     logging.info('Sanity: N=%d masks per image of split %r',
@@ -128,8 +129,8 @@ def run(settings: settings_lib.Settings, workdir: str, overrides: set[str]
     scores = per_image(results, settings.sampling.seed, split)
     case_ids = [c.case_id for c, _ in results]
     splits[split] = (case_ids, scores)
-    description = (f'step {result["checkpoint_step"]}, {result["sampler"]} '
-                   f'{result["steps"]} steps')
+    description = (f'step {result["checkpoint_step"]}, '
+                   f'{reports.sampler_text(result["sampler"], result["steps"])}')
     report[split] = {'case_ids': case_ids,
                      **{ref: {k: v.tolist() for k, v in sc.items()} for ref, sc in scores.items()},
                      'summary': {ref: reports.summarize(sc) for ref, sc in scores.items()},

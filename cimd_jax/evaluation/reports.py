@@ -118,6 +118,26 @@ def write_report(workdir: str, name: str, table: str, content: dict[str, Any]) -
   return md_path
 
 
+def remove_report(workdir: str, name: str) -> None:
+  """Removes WORKDIR/report/<name>.json and .md: called when a run that rewrites them
+  starts, so that a run failing half-way leaves no earlier report beside its output."""
+  for ext in ('json', 'md'):
+    path = os.path.join(workdir, 'report', f'{name}.{ext}')
+    if os.path.exists(path):
+      os.remove(path)
+
+
+# metrics.json's 'format': 2 = standard errors from the sample std (ddof = 1), the
+# all-foreground fraction and calibration dispersion present. Files without it (or
+# another) were scored by an older scorer; --mode=ablations evaluates them again.
+METRICS_FORMAT = 2
+
+
+def sampler_text(sampler: str, steps: str) -> str:
+  """The sampler as report descriptions name it: "ddim, sampling.steps='ddim25'"."""
+  return f"{sampler}, sampling.steps='{steps}'" + ('' if steps else ' (all T steps)')
+
+
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   """{metric: {'mean', 'std', 'sem', 'count'}}: metrics.summarize (std: population,
   ddof = 0) plus the standard error of the mean, the sample std (ddof = 1) over
