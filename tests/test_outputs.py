@@ -94,6 +94,17 @@ def test_a_file_written_atomically_is_complete_or_untouched(tmp_path, monkeypatc
   with pytest.raises(OSError):
     reports.write_json(str(path), {'a': 2, 'b': 'x' * 10000})
   assert json.loads(path.read_text()) == {'a': 1}
+  monkeypatch.undo()
+  # The data reach the disk before the rename (else a power loss can leave the new
+  # name on an empty file), through a temporary file of this process only.
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+  monkeypatch.setattr(os, 'fsync', lambda fd: (events.append('fsync'), real_fsync(fd)))
+  monkeypatch.setattr(os, 'replace', lambda src, dst: (events.append(('replace', src)),
+                                                       real_replace(src, dst)))
+  reports.write_json(str(path), {'a': 3})
+  assert events == ['fsync', ('replace', f'{path}.tmp.{os.getpid()}')]
+  assert json.loads(path.read_text()) == {'a': 3}
 
 
 def test_only_an_earlier_output_or_a_new_folder_may_be_replaced(tmp_path):

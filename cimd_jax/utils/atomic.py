@@ -27,11 +27,15 @@ from cimd_jax.utils.errors import ConfigError
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path + '.tmp'` and renames it to `path`: the file is complete
-  or absent, never half-written."""
-  with open(path + '.tmp', 'w') as f:
+  """Writes `text` to `path + '.tmp.<pid>'`, flushes it to disk and renames it to
+  `path`: the file is complete or absent, never half-written (also after a power
+  loss), and two processes writing the same path do not share a temporary file."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
     f.write(text)
-  os.replace(path + '.tmp', path)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def staging_prefix(final_dir: str) -> str:
