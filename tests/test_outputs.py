@@ -94,6 +94,7 @@ def test_a_file_written_atomically_is_complete_or_untouched(tmp_path, monkeypatc
   with pytest.raises(OSError):
     reports.write_json(str(path), {'a': 2, 'b': 'x' * 10000})
   assert json.loads(path.read_text()) == {'a': 1}
+  assert sorted(os.listdir(tmp_path)) == ['config.json']   # no temporary file left
   monkeypatch.undo()
   # The data reach the disk before the rename (else a power loss can leave the new
   # name on an empty file), through a temporary file of this process only.
@@ -181,6 +182,10 @@ def test_standard_error_uses_the_sample_std_and_needs_two_images():
   assert two['count'] == 2
   one = reports.summarize({'ci': np.array([0.7])})['ci']
   assert one['mean'] == pytest.approx(0.7) and np.isnan(one['sem'])
+  # metrics.json format 2 is this summary (keys, ddof = 1 standard error): a change
+  # here must come with a new reports.METRICS_FORMAT, or --mode=ablations would reuse
+  # evaluations scored the old way beside new ones.
+  assert reports.METRICS_FORMAT == 2 and sorted(two) == ['count', 'mean', 'sem', 'std']
 
 
 def test_json_outputs_are_strict_json_with_numbers_not_strings(tmp_path):

@@ -13,6 +13,7 @@ import logging
 import json
 import os
 import pickle
+import shutil
 
 import h5py
 import nibabel as nib
@@ -1372,7 +1373,7 @@ def test_missing_validation_split_hint_names_what_decides_it(tmp_path):
     pipeline.num_examples(synthetic, str(tmp_path), "validation")
 
 
-def test_inputs_follow_how_training_cases_held_their_channels(tmp_path):
+def test_inputs_follow_how_training_cases_held_their_channels(tmp_path, caplog):
   """A two-channel folder model trained on cases of two image_* files (recorded in
   data_records.json): an unlabelled case folder given as input_dir is one input (not
   one replicated input per file), and a lone single-channel file is refused instead
@@ -1407,12 +1408,42 @@ def test_inputs_follow_how_training_cases_held_their_channels(tmp_path):
   assert [c.case_id for c in read.cases] == ['x']
   np.testing.assert_allclose(read.cases[0].image, np.stack(planes, -1) / 127.5 - 1,
                              atol=1e-6)
-  assert len(sample_inputs.folder_inputs(one, 'folder').cases) == 2   # not recorded: as before
+  # Not recorded (a checkpoint trained before the count was): read as before, each
+  # file its own input, but one warning names the inputs copied into both channels.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert len(sample_inputs.folder_inputs(one, 'folder').cases) == 2
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and '2 input(s) (image_0, image_1)' in warned[0]
+  assert 'copied into all 2 channels' in warned[0]
+  # One file holding both channels (grey + alpha: 2 bands) is a valid input.
+  both = tmp_path / 'both'
+  os.makedirs(both)
+  Image.fromarray(np.stack(planes, -1), mode='LA').save(both / 'scan.png')
+  read = sample_inputs.folder_inputs(
+      dataclasses.replace(s, sampling=dataclasses.replace(s.sampling, input_dir=str(both))),
+      'folder', 2)
+  np.testing.assert_allclose(read.cases[0].image, np.stack(planes, -1) / 127.5 - 1,
+                             atol=1e-6)
+  # A folder holding case folders and two image_* files of its own: the two are not
+  # grouped into one input (only a folder whose only images they are is a case).
+  mixed = tmp_path / 'mixed'
+  shutil.copytree(case, mixed / 'x')
+  for k, plane in enumerate(planes):
+    Image.fromarray(plane).save(mixed / f'image_{k}.png')
+  assert [c.images for c in image_folder.list_input_images(str(mixed), 2)] == [
+      ('image_0.png',), ('image_1.png',), ('image_0.png', 'image_1.png')]
+  # Nor three image_* files for two channels, nor two beside another image file.
+  for extra in ('image_2.png', 'other.png'):
+    flat = tmp_path / f'flat_{extra}'
+    shutil.copytree(case, flat)
+    Image.fromarray(planes[0]).save(flat / extra)
+    assert all(len(c.images) == 1 for c in image_folder.list_input_images(str(flat), 2))
   Image.fromarray(planes[0]).save(tmp_path / 'inputs' / 'lone.png')
   several = dataclasses.replace(s, sampling=dataclasses.replace(
       s.sampling, input_dir=str(tmp_path / 'inputs')))
   with pytest.raises(sample_inputs.InputError,
-                     match=r"lone\.png: one 1-channel image; the model was trained on cases "
+                     match=r"lone\.png: one single-channel image; the model was trained on cases "
                            r"of 2 image_\* files"):
     sample_inputs.folder_inputs(several, 'folder', 2)
   with pytest.raises(sample_inputs.InputError,
@@ -1441,6 +1472,12 @@ def test_case_copied_into_both_splits_is_refused(tmp_path):
   _raises_data_error(args, tfds_dir, tmp_path, [
       'testing/c0', 'training/c0', 'holds the same image file(s)',
       'expected each case in one split'])
+  # Also when the training case was held out for validation.
+  scanned = {split: folder.scan_split_folder(str(tmp_path / 'src' / sub), 2)
+             for split, sub in (('train', 'training'), ('test', 'testing'))}
+  with pytest.raises(folder.DataError, match='holds the same image file'):
+    folder.check_split_copies({'train': [], 'validation': scanned['train'],
+                               'test': scanned['test']})
   changed = tmp_path / 'src' / 'testing' / 'c0' / 'image_1.png'
   Image.fromarray(255 - planes[1]).save(changed, compress_level=0)
   same = tmp_path / 'src' / 'training' / 'c0' / 'image_1.png'

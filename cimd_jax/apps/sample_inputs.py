@@ -8,6 +8,7 @@ import dataclasses
 import os
 from typing import Callable
 
+from absl import logging
 import numpy as np
 
 from cimd_jax.data import image_folder
@@ -79,7 +80,7 @@ def folder_inputs(settings: settings_lib.Settings, trained_on: str = '',
   if settings.data.name == 'nifti':
     return _nifti_inputs(settings)
   data, sampling = settings.data, settings.sampling
-  cases, skipped = [], []
+  cases, skipped, copied = [], [], []
   if trained_on in FIXED_SCALE_SOURCES:
     case_files = 1   # one grey image per record, replicated to the channels
   found = image_folder.list_input_images(sampling.input_dir, case_files or 1)
@@ -97,6 +98,14 @@ def folder_inputs(settings: settings_lib.Settings, trained_on: str = '',
       skipped.append(str(e))
       continue
     cases.append(Case(found_case.case_id, img.image))
+    if (case_files is None and data.image_channels > 1 and len(found_case.images) == 1
+        and image_folder.is_single_channel(found_case.path)):
+      copied.append(found_case.case_id)
+  if copied:   # a checkpoint that does not record its cases' files (trained before it was)
+    logging.warning('%d input(s) (%s) are one single-channel file copied into all %d '
+                    'channels; if the training cases had one file per channel, give '
+                    'case folders of %d image_* files', len(copied), ', '.join(copied[:5]),
+                    data.image_channels, data.image_channels)
   return Inputs(cases, skipped)
 
 

@@ -187,9 +187,9 @@ def check_image_file_counts(splits: dict[str, list[CaseFiles]], channels: int) -
 
 def check_split_copies(splits: dict[str, list[CaseFiles]]) -> None:
   """DataError naming a case whose folder in testing/ holds the same image files, byte
-  for byte, as the training case of the same name."""
+  for byte, as the training/ case of the same name (validation cases included)."""
   tested = {c.case_id: c for c in splits[TEST]}
-  for case in splits[TRAIN]:
+  for case in splits[TRAIN] + splits.get(VALIDATION, []):
     other = tested.get(case.case_id)
     if other is None or other.images != case.images:
       continue

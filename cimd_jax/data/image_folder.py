@@ -83,7 +83,10 @@ def list_input_images(input_dir: str, case_files: int = 1) -> list[InputCase]:
         logging.warning('sampling.input_dir: %s skipped: a folder without image_* files',
                         path)
   own = [n for n in files if folder.file_type(n) == 'image']
-  as_case = labels or (case_files > 1 and not folders and len(own) == case_files)
+  as_case = labels or (case_files > 1 and not folders and len(own) == len(files) == case_files)
+  if as_case and not labels:
+    logging.info('sampling.input_dir %s: its %d image_* files (%s) are one input, stacked as '
+                 'the channels of the training cases', input_dir, len(own), ', '.join(own))
   if as_case and own:   # DIR is a case folder: its image_* files are one case's channels
     files = [n for n in files if n not in own]
     folders.append(InputCase(os.path.basename(os.path.normpath(input_dir)), input_dir,
@@ -134,16 +137,22 @@ def check_channel_files(case: InputCase, channels: int, case_files: int | None) 
         f'model was trained on one image file per case; expected one image file')
   if case_files > 1 and len(case.images) == 1:
     path = os.path.join(case.folder, case.images[0])
-    try:
-      with Image.open(path) as img:
-        bands = len(img.getbands())
-    except OSError:
-      return   # left to read_input_image
-    if bands != channels:
+    if is_single_channel(path):
       raise BadInputImage(
-          f'{path}: one {bands}-channel image; the model was trained on cases of '
+          f'{path}: one single-channel image; the model was trained on cases of '
           f'{case_files} image_* files (one per channel); expected a case folder holding '
           f'{case_files} image_* files, or one {channels}-channel image')
+
+
+def is_single_channel(path: str) -> bool:
+  """Whether the training reader would replicate this image file's one channel (grey,
+  1-bit or wider than 8 bits; palette, CMYK and YCbCr files are read as colour);
+  False for an unreadable file (left to read_input_image)."""
+  try:
+    with Image.open(path) as img:
+      return img.mode in ('L', '1') or img.mode in folder.WIDE_MODES
+  except OSError:
+    return False
 
 
 def read_input_image(case: InputCase, args: DataArgs) -> InputImage:

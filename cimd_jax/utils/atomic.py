@@ -31,11 +31,16 @@ def write_text(path: str, text: str) -> None:
   `path`: the file is complete or absent, never half-written (also after a power
   loss), and two processes writing the same path do not share a temporary file."""
   tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):   # no stray temporary file after a failed write
+      os.remove(tmp)
+    raise
 
 
 def staging_prefix(final_dir: str) -> str:
