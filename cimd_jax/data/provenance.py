@@ -59,24 +59,23 @@ def _files_per_case(args: DataArgs) -> int | None:
   return max(counts) if counts else None   # one count: scan_source refuses a mix
 
 
-def _cases_name(args: DataArgs, workdir: str) -> str:
-  """The records' name with the settings that choose slices within a case, not which
-  cases a split holds, held fixed (NIfTI: nifti_empty_fraction, which sampling may
-  raise to draw every slice): equal for records of the same cases in each split."""
-  if args.name == 'nifti':
-    args = dataclasses.replace(args, nifti_empty_fraction=0.0)
-  return pipeline.records_name(args, workdir)
+def _cases_name(args: DataArgs, workdir: str, name: str) -> str:
+  """The records' name (`name` is that of `args`) with the settings that choose slices
+  within a case, not which cases a split holds, held fixed (NIfTI:
+  nifti_empty_fraction, which sampling may raise to draw every slice): equal for
+  records of the same cases in each split. Other sources: `name` itself."""
+  if args.name != 'nifti':
+    return name
+  return pipeline.records_name(dataclasses.replace(args, nifti_empty_fraction=0.0), workdir)
 
 
 def record_training(args: DataArgs, workdir: str) -> None:
   """Adds the records of `args` to WORKDIR's list (process 0, at each training start);
   warns when a resumed training continues on other records than it started with."""
-  stored = _stored(workdir)
-  name, names = pipeline.records_name(args, workdir), trained_on(workdir)
-  cases = _cases_name(args, workdir)
-  case_names = list(stored.get('cases') or [])
-  files = _files_per_case(args)
-  if name in names and cases in case_names and files == image_files_per_case(workdir):
+  stored, name = _stored(workdir), pipeline.records_name(args, workdir)
+  names, case_names = trained_on(workdir), list(stored.get('cases') or [])
+  cases, files = _cases_name(args, workdir, name), _files_per_case(args)
+  if name in names and cases in case_names and files == stored.get('image_files_per_case'):
     return
   if names and name not in names:
     logging.warning('%s: training continues on other records than it started on (%s: %s, '
@@ -97,7 +96,7 @@ def check_sampling(args: DataArgs, workdir: str, split: str) -> bool:
   if not names or args.name == 'synthetic':
     return True
   name = pipeline.records_name(args, workdir)
-  if name in names or _cases_name(args, workdir) in (_stored(workdir).get('cases') or []):
+  if name in names or _cases_name(args, workdir, name) in (_stored(workdir).get('cases') or []):
     return True
   logging.warning('%s: the %r split is read from other records than the training of %s '
                   'used (%s, trained on %s): the data or split file changed since '
