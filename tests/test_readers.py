@@ -1395,7 +1395,8 @@ def test_inputs_follow_how_training_cases_held_their_channels(tmp_path, caplog):
   os.makedirs(run)
   assert provenance.image_files_per_case(run) is None
   with open(os.path.join(run, provenance.FILE), 'w') as f:   # written before the count was
-    json.dump({'records': [pipeline.records_name(s.data, run)]}, f)
+    name = pipeline.records_name(s.data, run)
+    json.dump({'records': [name], 'cases': [name]}, f)
   provenance.record_training(s.data, run)                      # resumed: the count is added
   assert provenance.image_files_per_case(run) == 2
   assert provenance.trained_on(run) == [pipeline.records_name(s.data, run)]
